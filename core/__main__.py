@@ -1,0 +1,5 @@
+"""Entry point for ``python -m core``."""
+
+from core.cli import main
+
+raise SystemExit(main())

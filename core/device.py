@@ -1,0 +1,31 @@
+"""Resolve ``auto|cpu|cuda`` once; everything downstream receives a concrete ``torch.device``."""
+
+from __future__ import annotations
+
+import torch
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class DeviceError(ValueError):
+    pass
+
+
+def resolve_device(requested: str = "auto", *, cuda_available: bool | None = None) -> torch.device:
+    if requested not in DEVICES:
+        raise DeviceError(f"Unknown device {requested!r}: use one of {', '.join(DEVICES)}.")
+    available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if requested == "cuda" and not available:
+        raise DeviceError(
+            "device 'cuda' was requested but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False). "
+            "Use --device auto or cpu, or install a CUDA build of PyTorch with a working driver."
+        )
+    if requested == "cpu" or not available:
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"

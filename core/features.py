@@ -1,0 +1,89 @@
+"""Frozen-backbone feature extraction: pure inference, done once per image and cached.
+
+Two engines, same contract (uint8 ``[N, H, W, 3]`` in, float32 ``[N, feature_dim]`` out):
+- ``TorchFeatureExtractor``: the backbone in ``eval()`` under ``inference_mode``; on CUDA with
+  channels_last and autocast (fp16), which is where the GPU is fastest.
+- ``core.inference.OnnxFeatureExtractor``: an ONNX export of the backbone served by onnxruntime,
+  several times faster than torch eager on CPU.
+``make_feature_extractor`` picks onnxruntime on CPU and torch on CUDA, and falls back to torch with a
+warning if the ONNX path cannot be built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import torch
+
+import models
+from models.preprocess import ImagePreprocess
+
+log = logging.getLogger(__name__)
+
+
+class FeatureExtractor(Protocol):
+    engine: str  # e.g. "torch-cpu", "onnxruntime-CPUExecutionProvider"
+
+    def extract(self, images: np.ndarray) -> np.ndarray: ...
+
+
+class TorchFeatureExtractor:
+    def __init__(self, backbone: torch.nn.Module, device: torch.device):
+        self.device = device
+        self.preprocess = ImagePreprocess(backbone.spec.mean, backbone.spec.std).to(device)
+        self.backbone = backbone.to(device).eval()
+        if device.type == "cuda":
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self.engine = f"torch-{device.type}"
+
+    @torch.inference_mode()
+    def extract(self, images: np.ndarray) -> np.ndarray:
+        x = self.preprocess(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
+        amp = (
+            torch.autocast("cuda", dtype=torch.float16)
+            if self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        with amp:
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = self.backbone(x)
+        return out.float().cpu().numpy()
+
+
+def make_feature_extractor(
+    backbone: str, image_size: int, device: torch.device, *, engine: str = "auto"
+) -> FeatureExtractor:
+    """``engine``: "auto" (onnxruntime on CPU, torch on CUDA), "torch" or "onnxruntime"."""
+    if engine not in ("auto", "torch", "onnxruntime"):
+        raise ValueError(f"Unknown feature engine {engine!r}: use auto, torch or onnxruntime.")
+    if engine == "onnxruntime" or (engine == "auto" and device.type == "cpu"):
+        try:
+            from core.inference import OnnxFeatureExtractor
+
+            return OnnxFeatureExtractor(backbone, image_size, device=device.type)
+        except Exception as exc:  # noqa: BLE001 - any failure here has a working fallback
+            if engine == "onnxruntime":
+                raise
+            log.warning("onnxruntime feature extraction unavailable (%s); using torch eager instead.", exc)
+    return TorchFeatureExtractor(models.get_backbone(backbone, pretrained=True), device)
+
+
+def extract_all(
+    extractor: FeatureExtractor,
+    images: np.ndarray,
+    *,
+    batch_size: int = 32,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Features for every image, in batches; ``on_batch(done, total)`` after each batch."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        out.append(extractor.extract(images[start : start + batch_size]))
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(images)), len(images))
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
