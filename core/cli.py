@@ -18,7 +18,7 @@ from core.safezip import UnsafeArchiveError
 from core.samples import SAMPLES
 
 # Errors caused by user input: printed as "error: <message>" with exit code 2, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (DatasetError, UnsafeArchiveError)
+USER_ERRORS: tuple[type[BaseException], ...] = (DatasetError, UnsafeArchiveError, ValueError)
 EXIT_USER_ERROR = 2
 
 
@@ -106,7 +106,154 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_datasets_parser]
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def _add_training_arguments(p: argparse.ArgumentParser) -> None:
+    from core.device import DEVICES
+    from core.train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--data", required=True, metavar="SRC", help="dataset source (folder, .zip or sample:NAME)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.json, plots, models")
+    p.add_argument("--backbone", default=d.backbone, help=f"registered backbone (default {d.backbone}; "
+                   "see `python -m core backbones`)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"epoch cap for each arm (default {d.epochs})")
+    p.add_argument("--budget-seconds", type=_positive_float, default=None,
+                   help="optional wall-clock cap per arm, checked after each epoch")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="crop side in pixels (default: the backbone's 224 on CUDA, 160 on CPU)")
+    p.add_argument("--target", type=_fraction, default=d.target_accuracy,
+                   help=f"target validation accuracy for time-to-target (default {d.target_accuracy})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for the split and training (default 0)")
+    p.add_argument("--device", choices=DEVICES, default=d.device, help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--val-fraction", type=_fraction, default=0.2, help="validation share (default 0.2)")
+    p.add_argument("--test-fraction", type=_fraction, default=0.0, help="test share (default 0)")
+    p.add_argument("--views", type=int, choices=(1, 2), default=d.views,
+                   help="2 adds horizontally flipped training views for the pretrained head")
+    p.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+
+
+def add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="train a head on the frozen pretrained backbone and the same net from "
+                       "scratch, side by side", description="Pretrained (frozen backbone + new head) vs from "
+                       "scratch on the same split; writes report.json, manifest.csv, plots and models.")
+    _add_training_arguments(p)
+    p.set_defaults(func=cmd_compare, arms=None)
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one arm (pretrained or scratch)")
+    _add_training_arguments(p)
+    p.add_argument("--mode", choices=("pretrained", "scratch"), default="pretrained", help="which arm to train")
+    p.set_defaults(func=cmd_compare)
+
+
+def add_backbones_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("backbones", help="list the registered backbones")
+    p.set_defaults(func=cmd_backbones)
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    import models
+
+    for name in models.list_backbones():
+        spec = models.get_backbone_spec(name)
+        where = "offline" if spec.offline else "downloads on first use"
+        print(f"{name:20s} {spec.feature_dim:5d}-d features, {spec.input_size}px, {where}: {spec.description}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from core.report import write_run
+    from core.train import TrainConfig, run_compare
+
+    cfg = TrainConfig(backbone=args.backbone, epochs=args.epochs, budget_seconds=args.budget_seconds,
+                      image_size=args.image_size, target_accuracy=args.target, seed=args.seed, device=args.device,
+                      views=args.views).validated()
+    ds = load_dataset(args.data, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
+    arms = (args.mode,) if getattr(args, "mode", None) else None
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, fraction: float, message: str) -> None:
+        if stage == "done":
+            return
+        bar = bars.get(stage)
+        if bar is None:
+            for other in bars.values():
+                other.close()
+            bar = bars[stage] = tqdm(total=1000, desc=f"{stage:10s}", unit="‰", leave=True,
+                                     bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
+        bar.update(round(fraction * 1000) - bar.n)
+        bar.set_postfix_str(message, refresh=False)
+
+    def epoch(arm: str, rec: dict) -> None:
+        tqdm.write(f"{arm:10s} epoch {rec['epoch']:3d}  {rec['seconds']:7.1f}s  train acc {rec['train_accuracy']:.3f}"
+                   f"  val acc {rec['val_accuracy']:.3f}  val loss {rec['val_loss']:.3f}")
+
+    from core.train import Callbacks
+
+    result = run_compare(ds, cfg, Callbacks(progress=progress, epoch=epoch), arms=arms)
+    for bar in bars.values():
+        bar.close()
+    paths = write_run(result, args.out, export=not args.no_export)
+    print(summary_text(result.report))
+    print(f"\nwrote {len(paths)} files to {args.out}: {', '.join(sorted(p.name for p in paths.values()))}")
+    return 0
+
+
+def summary_text(report: dict) -> str:
+    """The comparison as a short text table plus verdicts and flagged diagnostics."""
+    runs = report["runs"]
+    rows = [("", *runs.keys())]
+
+    def pct(v):
+        return "-" if v is None else f"{v:.1%}"
+
+    def sec(v):
+        return "never" if v is None else f"{v:.1f}s"
+
+    for key, label, fmt in [("val_accuracy", "val accuracy", pct), ("balanced_accuracy", "balanced accuracy", pct),
+                            ("precision_macro", "precision (macro)", pct), ("recall_macro", "recall (macro)", pct),
+                            ("f1_macro", "F1 (macro)", pct), ("train_seconds", "training time", sec),
+                            ("time_to_target_seconds", f"time to {report['target_accuracy']:.0%}", sec),
+                            ("best_epoch", "best epoch", str)]:
+        rows.append((label, *(fmt(r[key]) for r in runs.values())))
+    rows.append(("verdict", *(r["verdict"]["label"] for r in runs.values())))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    sp = report.get("speedup_time_to_target")
+    if isinstance(sp, dict):
+        lines.append(f"speedup to target: more than {sp['lower_bound']:.1f}x (scratch never reached it)")
+    elif sp is not None:
+        lines.append(f"speedup to target: {sp:.1f}x")
+    for arm, r in runs.items():
+        lines.append(f"{arm} verdict: {r['verdict']['label']} ({'; '.join(r['verdict']['reasons'])})")
+    diag = report["diagnostics"]
+    for name in ("imbalance", "leakage"):
+        if diag[name]["flagged"]:
+            lines.append(f"WARNING {name}: {diag[name]['message']}")
+    for arm, d in diag["overfitting"].items():
+        if d["flagged"]:
+            lines.append(f"WARNING overfitting ({arm}): {d['message']}")
+    exp = report.get("export") or {}
+    if exp.get("error"):
+        lines.append(f"export failed: {exp['error']}")
+    return "\n".join(lines)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_datasets_parser, add_backbones_parser, add_compare_parser, add_train_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,8 +24,10 @@ class Thresholds:
     near_duplicate_cosine: float = 0.95
     # Train accuracy above validation accuracy by more than this is a generalisation gap.
     overfit_gap: float = 0.15
-    # Validation loss this far (relative) above its best, at the end, while train loss kept falling.
-    val_loss_rise: float = 0.10
+    # Validation loss this far above its best at the end (relative and absolute, so that the noise of a small
+    # validation set is not read as a trend), at least 2 epochs later, while train loss kept falling.
+    val_loss_rise: float = 0.20
+    val_loss_rise_abs: float = 0.05
     max_pairs: int = 50  # pairs listed as evidence (all are counted)
 
 
@@ -132,8 +134,9 @@ def overfitting(history: list[dict], t: Thresholds = DEFAULT) -> dict:
     gap = last["train_accuracy"] - last["val_accuracy"]
     best = min(history, key=lambda h: h["val_loss"])
     rising = (
-        last["epoch"] > best["epoch"]
+        last["epoch"] >= best["epoch"] + 2
         and last["val_loss"] > best["val_loss"] * (1 + t.val_loss_rise)
+        and last["val_loss"] - best["val_loss"] > t.val_loss_rise_abs
         and last["train_loss"] < best["train_loss"]
     )
     reasons = []

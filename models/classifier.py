@@ -8,6 +8,11 @@ from torch import nn
 from ._registry import get_backbone
 
 
+def make_head(feature_dim: int, num_classes: int, dropout: float = 0.2) -> nn.Sequential:
+    """The new head trained on top of a backbone: dropout + linear."""
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+
+
 class Classifier(nn.Module):
     """``backbone`` (features) followed by ``head`` (dropout + linear). ``spec`` describes the preprocessing."""
 
@@ -15,7 +20,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.spec = backbone.spec
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.spec.feature_dim, num_classes))
+        self.head = make_head(self.spec.feature_dim, num_classes, dropout)
 
     @property
     def num_classes(self) -> int:

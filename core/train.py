@@ -1,0 +1,462 @@
+"""Training: a new head on a frozen pretrained backbone vs the same network from scratch.
+
+Read top to bottom: ``TrainConfig`` -> ``prepare_images`` (decode + resize once) -> ``train_pretrained``
+(features cached once, then the head trains on them) and ``train_scratch`` (every layer, with augmentation)
+-> ``finish_run`` (best epoch, scikit-learn metrics, verdict). ``run_compare`` drives both arms on one split
+and adds the pitfall diagnostics; ``core.report`` writes the artifacts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+import models
+from models.classifier import make_head
+from models.preprocess import ImagePreprocess
+
+from . import diagnostics
+from .data import Dataset
+from .device import resolve_device
+from .features import extract_all, make_feature_extractor
+from .images import open_rgb
+from .metrics import classification_metrics, verdict
+from .preprocess import center_crop, resize_shorter
+
+ARMS = ("pretrained", "scratch")
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = models.DEFAULT_BACKBONE
+    # One cap for both arms, so the comparison is at equal epochs. Head epochs on cached features cost
+    # milliseconds; scratch epochs cost a full forward/backward pass over the training images.
+    epochs: int = 15
+    # Optional wall-clock cap per arm (seconds, feature extraction included); checked after every epoch.
+    budget_seconds: float | None = None
+    # Side of the square crop both arms see. None: the backbone's native size on CUDA, and 160 on CPU,
+    # where scratch training at 224 is ~2x slower and the pretrained arm loses only a little accuracy.
+    image_size: int | None = None
+    target_accuracy: float = 0.85
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 32
+    # The head is a single linear layer on good features: a high rate converges in a few epochs.
+    head_lr: float = 3e-3
+    head_weight_decay: float = 1e-4
+    # AdamW with cosine decay and label smoothing: a standard from-scratch recipe for small data.
+    scratch_lr: float = 3e-3
+    scratch_weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    # "auto": onnxruntime on CPU (several times faster than torch eager), torch (+AMP) on CUDA.
+    feature_engine: str = "auto"
+    # 2 adds horizontally flipped copies of the training images as extra cached views (augmentation for
+    # the head at the cost of a second feature pass over the training images).
+    views: int = 1
+    # Run the second arm. The app's "also train from scratch" switch.
+    train_scratch: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(sorted(known))}.")
+        return cls(**values).validated()
+
+    def validated(self) -> TrainConfig:
+        models.get_backbone_spec(self.backbone)  # raises with the valid names and a suggestion
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}.")
+        if self.budget_seconds is not None and self.budget_seconds <= 0:
+            raise ValueError(f"budget_seconds must be positive (or None for no budget), got {self.budget_seconds}.")
+        if self.image_size is not None and not 32 <= self.image_size <= 512:
+            raise ValueError(f"image_size must be between 32 and 512 pixels, got {self.image_size}.")
+        if not 0 < self.target_accuracy <= 1:
+            raise ValueError(f"target_accuracy is a fraction in (0, 1], got {self.target_accuracy}.")
+        if self.views not in (1, 2):
+            raise ValueError(f"views must be 1 or 2, got {self.views}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}.")
+        return self
+
+    def resolved_image_size(self, device: torch.device) -> int:
+        if self.image_size is not None:
+            return self.image_size
+        spec = models.get_backbone_spec(self.backbone)
+        return spec.input_size if device.type == "cuda" else 160
+
+
+class TrainingCancelled(Exception):
+    """Raised between batches when the caller sets the cancel event."""
+
+
+@dataclass
+class Callbacks:
+    """Hooks for a UI. ``progress(stage, fraction, message)``; ``epoch(arm, record)`` after every epoch."""
+
+    progress: Callable[[str, float, str], None] | None = None
+    epoch: Callable[[str, dict], None] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def report(self, stage: str, fraction: float, message: str = "") -> None:
+        if self.cancel.is_set():
+            raise TrainingCancelled("Training was cancelled.")
+        if self.progress is not None:
+            self.progress(stage, min(max(fraction, 0.0), 1.0), message)
+
+
+@dataclass
+class PreparedImages:
+    """Every image decoded once and resized (shorter side = ``resize_size``), plus its centre crop."""
+
+    resized: list[np.ndarray]  # uint8 [H, W, 3], min(H, W) == resize_size (scratch-arm augmentation source)
+    crops: np.ndarray  # uint8 [N, S, S, 3]: exactly what the exported model's caller feeds it
+    labels: np.ndarray  # int64 [N]
+    files: list[str]
+    hashes: list[str]
+
+
+def prepare_images(items, image_size: int, spec: models.BackboneSpec, *, callbacks: Callbacks | None = None,
+                   stage: str = "decode") -> PreparedImages:
+    resize = spec.resize_for(image_size)
+
+    def load(item) -> np.ndarray:
+        return np.array(resize_shorter(open_rgb(item.path), resize, spec.interpolation), dtype=np.uint8)
+
+    resized: list[np.ndarray] = []
+    with ThreadPoolExecutor(max_workers=4) as pool:  # Pillow releases the GIL while decoding
+        for i, arr in enumerate(pool.map(load, items)):
+            resized.append(arr)
+            if callbacks is not None and (i % 16 == 0 or i == len(items) - 1):
+                callbacks.report(stage, (i + 1) / len(items), f"decoded {i + 1}/{len(items)} images")
+    crops = np.stack([center_crop(a, image_size) for a in resized]) if resized else np.zeros(
+        (0, image_size, image_size, 3), np.uint8)
+    return PreparedImages(resized, crops, np.array([i.label for i in items], dtype=np.int64),
+                          [str(i.path) for i in items], [i.sha256 for i in items])
+
+
+@dataclass
+class RunResult:
+    arm: str
+    model: models.Classifier  # best-epoch weights, on CPU
+    history: list[dict]
+    best_epoch: int
+    train_seconds: float
+    val_probabilities: np.ndarray
+    test_probabilities: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)  # engine names, feature timings ...
+
+
+def _seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    return torch.Generator().manual_seed(seed)
+
+
+def _is_better(record: dict, best: dict | None) -> bool:
+    if best is None:
+        return True
+    return (record["val_accuracy"], -record["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
+
+
+def _evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    return float(F.cross_entropy(logits, labels)), float((logits.argmax(1) == labels).float().mean())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pretrained arm: frozen backbone, features cached once, head trained on the cache.
+# ----------------------------------------------------------------------------------------------------------
+
+def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages, val: PreparedImages,
+                     test: PreparedImages | None, device: torch.device, callbacks: Callbacks) -> RunResult:
+    gen = _seed_everything(cfg.seed)
+    start = time.perf_counter()
+    image_size = train.crops.shape[1]
+
+    # Features: pure inference, once per image (and per view).
+    extractor = make_feature_extractor(cfg.backbone, image_size, device, engine=cfg.feature_engine)
+    views = [train.crops] + ([train.crops[:, :, ::-1]] if cfg.views == 2 else [])
+    blocks = views + [val.crops] + ([test.crops] if test is not None else [])
+    total, done = sum(len(b) for b in blocks), 0
+    feats = []
+    for block in blocks:
+        def on_batch(n: int, _total: int, base=done) -> None:
+            callbacks.report("features", (base + n) / total, f"pretrained features {base + n}/{total} images")
+        feats.append(torch.from_numpy(extract_all(extractor, block, batch_size=cfg.batch_size, on_batch=on_batch)))
+        done += len(block)
+    x_train = torch.cat(feats[: len(views)])
+    y_train = torch.from_numpy(np.concatenate([train.labels] * len(views)))
+    x_val, y_val = feats[len(views)], torch.from_numpy(val.labels)
+    x_test = feats[len(views) + 1] if test is not None else None
+    feature_seconds = time.perf_counter() - start
+
+    # Head: dropout + linear, trained on cached features (on CPU: a matrix this small gains nothing on a GPU).
+    head = make_head(models.get_backbone_spec(cfg.backbone).feature_dim, len(classes))
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay)
+    history: list[dict] = []
+    best, best_state = None, None
+    for epoch in range(1, cfg.epochs + 1):
+        # forward/backward over shuffled mini-batches
+        head.train()
+        perm = torch.randperm(len(x_train), generator=gen)
+        loss_sum, correct = 0.0, 0
+        for i in range(0, len(perm), cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            logits = head(x_train[idx])
+            loss = F.cross_entropy(logits, y_train[idx], label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y_train[idx]).sum())
+        # evaluate
+        head.eval()
+        with torch.no_grad():
+            val_loss, val_acc = _evaluate_logits(head(x_val), y_val)
+        record = {"epoch": epoch, "seconds": time.perf_counter() - start, "train_loss": loss_sum / len(perm),
+                  "train_accuracy": correct / len(perm), "val_loss": val_loss, "val_accuracy": val_acc}
+        history.append(record)
+        if _is_better(record, best):
+            best, best_state = record, copy.deepcopy(head.state_dict())
+        # log / stop
+        if callbacks.epoch is not None:
+            callbacks.epoch("pretrained", record)
+        callbacks.report("pretrained", epoch / cfg.epochs, f"pretrained epoch {epoch}/{cfg.epochs}: val acc {val_acc:.1%}")
+        if cfg.budget_seconds is not None and record["seconds"] >= cfg.budget_seconds:
+            break
+    train_seconds = time.perf_counter() - start
+
+    head.load_state_dict(best_state)
+    head.eval()
+    with torch.no_grad():
+        val_prob = torch.softmax(head(x_val), 1).numpy()
+        test_prob = torch.softmax(head(x_test), 1).numpy() if x_test is not None else None
+    model = models.build_classifier(cfg.backbone, len(classes), pretrained=True)
+    model.head.load_state_dict(best_state)
+    model.freeze_backbone()
+    return RunResult("pretrained", model.eval(), history, best["epoch"], train_seconds, val_prob, test_prob,
+                     extra={"feature_engine": extractor.engine, "feature_seconds": feature_seconds,
+                            "features": {"train": feats[0].numpy(), "other": torch.cat(feats[len(views):]).numpy()}})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scratch arm: the same architecture, random init, every layer trained with augmentation.
+# ----------------------------------------------------------------------------------------------------------
+
+def _augment(image_size: int) -> v2.Compose:
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(0.2, 0.2, 0.2),
+    ])
+
+
+def train_scratch(cfg: TrainConfig, classes: list[str], train: PreparedImages, val: PreparedImages,
+                  test: PreparedImages | None, device: torch.device, callbacks: Callbacks) -> RunResult:
+    gen = _seed_everything(cfg.seed)
+    start = time.perf_counter()
+    image_size = train.crops.shape[1]
+    cuda = device.type == "cuda"
+
+    model = models.build_classifier(cfg.backbone, len(classes), pretrained=False).to(device)
+    preprocess = ImagePreprocess(model.spec.mean, model.spec.std).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.scratch_lr, weight_decay=cfg.scratch_weight_decay)
+    steps_per_epoch = math.ceil(len(train.resized) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.scratch_lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                pct_start=0.15)
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
+    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if cuda else contextlib.nullcontext
+    augment = _augment(image_size)
+
+    def forward(batch_nhwc: torch.Tensor) -> torch.Tensor:
+        x = preprocess(batch_nhwc.to(device, non_blocking=True))
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            return model(x).float()
+
+    def predict(images: np.ndarray) -> torch.Tensor:
+        model.eval()
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(images), cfg.batch_size * 2):
+                out.append(forward(torch.from_numpy(images[i : i + cfg.batch_size * 2])).cpu())
+        return torch.cat(out)
+
+    history: list[dict] = []
+    best, best_state = None, None
+    y_val = torch.from_numpy(val.labels)
+    for epoch in range(1, cfg.epochs + 1):
+        # forward/backward with augmentation
+        model.train()
+        perm = torch.randperm(len(train.resized), generator=gen)
+        loss_sum, correct = 0.0, 0
+        for step, i in enumerate(range(0, len(perm), cfg.batch_size)):
+            idx = perm[i : i + cfg.batch_size].tolist()
+            batch = torch.stack([augment(torch.from_numpy(train.resized[j]).permute(2, 0, 1)).permute(1, 2, 0)
+                                 for j in idx])
+            y = torch.from_numpy(train.labels[idx]).to(device)
+            logits = forward(batch)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            loss_sum += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+            callbacks.report("scratch", (epoch - 1 + (step + 1) / steps_per_epoch) / cfg.epochs,
+                             f"scratch epoch {epoch}/{cfg.epochs}, batch {step + 1}/{steps_per_epoch}")
+        # evaluate
+        val_loss, val_acc = _evaluate_logits(predict(val.crops), y_val)
+        record = {"epoch": epoch, "seconds": time.perf_counter() - start, "train_loss": loss_sum / len(perm),
+                  "train_accuracy": correct / len(perm), "val_loss": val_loss, "val_accuracy": val_acc}
+        history.append(record)
+        if _is_better(record, best):
+            best, best_state = record, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        # log / stop
+        if callbacks.epoch is not None:
+            callbacks.epoch("scratch", record)
+        if cfg.budget_seconds is not None and record["seconds"] >= cfg.budget_seconds:
+            break
+    train_seconds = time.perf_counter() - start
+
+    model.load_state_dict(best_state)
+    val_prob = torch.softmax(predict(val.crops), 1).numpy()
+    test_prob = torch.softmax(predict(test.crops), 1).numpy() if test is not None else None
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    return RunResult("scratch", model, history, best["epoch"], train_seconds, val_prob, test_prob,
+                     extra={"amp": str(amp_dtype).replace("torch.", "") if cuda else None})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics for one arm, and the whole comparison.
+# ----------------------------------------------------------------------------------------------------------
+
+def time_to_target(history: list[dict], target: float) -> float | None:
+    return next((h["seconds"] for h in history if h["val_accuracy"] >= target), None)
+
+
+def summarize_run(result: RunResult, classes: list[str], val: PreparedImages, test: PreparedImages | None,
+                  target: float) -> dict:
+    metrics = classification_metrics(val.labels, result.val_probabilities.argmax(1), classes)
+    run = {
+        **metrics,
+        "train_seconds": result.train_seconds,
+        "time_to_target_seconds": time_to_target(result.history, target),
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "verdict": verdict(metrics),
+        "history": result.history,
+    }
+    if test is not None and result.test_probabilities is not None:
+        run["test"] = classification_metrics(test.labels, result.test_probabilities.argmax(1), classes)
+    run.update({k: v for k, v in result.extra.items() if k != "features"})
+    return run
+
+
+def speedup(pretrained: dict, scratch: dict) -> float | dict | None:
+    """How much sooner the pretrained arm reached the target; a lower bound if scratch never did."""
+    t_pre, t_scr = pretrained["time_to_target_seconds"], scratch["time_to_target_seconds"]
+    if t_pre is None:
+        return None
+    if t_scr is None:
+        return {"lower_bound": scratch["train_seconds"] / max(t_pre, 1e-9)}
+    return t_scr / max(t_pre, 1e-9)
+
+
+@dataclass
+class CompareResult:
+    report: dict
+    runs: dict[str, RunResult]
+    train: PreparedImages
+    val: PreparedImages
+    test: PreparedImages | None
+    dataset: Dataset
+
+
+def run_compare(dataset: Dataset, cfg: TrainConfig | None = None, callbacks: Callbacks | None = None,
+                *, arms: tuple[str, ...] | None = None) -> CompareResult:
+    """Train the requested arms (both by default) on the dataset's split and build the report."""
+    cfg = (cfg or TrainConfig()).validated()
+    callbacks = callbacks or Callbacks()
+    arms = arms or (ARMS if cfg.train_scratch else ("pretrained",))
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        raise ValueError(f"Unknown arm(s) {sorted(unknown)}: use pretrained and/or scratch.")
+    device = resolve_device(cfg.device)
+    spec = models.get_backbone_spec(cfg.backbone)
+    image_size = cfg.resolved_image_size(device)
+    classes = dataset.classes
+
+    callbacks.report("decode", 0.0, "decoding images")
+    train_items, val_items, test_items = (dataset.split(s) for s in ("train", "val", "test"))
+    all_items = train_items + val_items + test_items
+    prepared = prepare_images(all_items, image_size, spec, callbacks=callbacks)
+    n_tr, n_va = len(train_items), len(val_items)
+    train = _subset(prepared, 0, n_tr)
+    val = _subset(prepared, n_tr, n_tr + n_va)
+    test = _subset(prepared, n_tr + n_va, len(all_items)) if test_items else None
+
+    results: dict[str, RunResult] = {}
+    trainers = {"pretrained": train_pretrained, "scratch": train_scratch}
+    for arm in arms:
+        results[arm] = trainers[arm](cfg, classes, train, val, test, device, callbacks)
+
+    runs = {arm: summarize_run(r, classes, val, test, cfg.target_accuracy) for arm, r in results.items()}
+    report = {
+        "dataset": {**dataset.to_dict(), "source": dataset.source, "classes": classes,
+                    "counts": dataset.counts(), "skipped": [dataclasses.asdict(s) for s in dataset.skipped]},
+        "device": device.type,
+        "backbone": cfg.backbone,
+        "backbone_spec": spec.metadata(),
+        "image_size": image_size,
+        "resize_size": spec.resize_for(image_size),
+        "seed": cfg.seed,
+        "target_accuracy": cfg.target_accuracy,
+        "config": dataclasses.asdict(cfg),
+        "runs": runs,
+        "speedup_time_to_target": speedup(runs["pretrained"], runs["scratch"]) if len(runs) == 2 else None,
+        "diagnostics": _diagnostics(dataset, classes, train, val, test, results, runs),
+    }
+    callbacks.report("done", 1.0, "training finished")
+    return CompareResult(report, results, train, val, test, dataset)
+
+
+def _subset(p: PreparedImages, lo: int, hi: int) -> PreparedImages:
+    return PreparedImages(p.resized[lo:hi], p.crops[lo:hi], p.labels[lo:hi], p.files[lo:hi], p.hashes[lo:hi])
+
+
+def _diagnostics(dataset: Dataset, classes, train, val, test, results: dict[str, RunResult], runs: dict) -> dict:
+    train_counts = dataset.counts()["train"]
+    main_arm = "pretrained" if "pretrained" in runs else next(iter(runs))
+    features = results["pretrained"].extra.get("features") if "pretrained" in results else None
+    other_files = val.files + (test.files if test is not None else [])
+    other_hashes = val.hashes + (test.hashes if test is not None else [])
+    root = str(dataset.root)
+
+    def rel(files: list[str]) -> list[str]:
+        return [f[len(root) + 1:] if f.startswith(root + "/") else f for f in files]
+
+    return {
+        "imbalance": diagnostics.imbalance(train_counts, val.labels, runs[main_arm], classes),
+        "leakage": diagnostics.leakage(rel(train.files), train.hashes, rel(other_files), other_hashes,
+                                       *((features["train"], features["other"]) if features is not None else (None, None))),
+        "overfitting": {arm: diagnostics.overfitting(run["history"]) for arm, run in runs.items()},
+    }

@@ -1,0 +1,109 @@
+"""Check an exported graph against PyTorch, and measure the accuracy of ONNX variants."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from models.preprocess import ImageClassifier
+
+CPU = "CPUExecutionProvider"
+
+
+class ParityError(RuntimeError):
+    """onnxruntime and PyTorch disagree on an exported model; ``report`` holds the measurements."""
+
+    def __init__(self, message: str, report: dict[str, Any]):
+        super().__init__(message)
+        self.report = report
+
+
+def cpu_session(path: str | os.PathLike[str], *, providers: Sequence[str] = (CPU,)) -> ort.InferenceSession:
+    """A plain session for checks (CPU by default so results are deterministic)."""
+    return ort.InferenceSession(str(path), providers=list(providers))
+
+
+def run_onnx(session: ort.InferenceSession, images: np.ndarray, *, output: str = "probabilities",
+             batch_size: int = 32) -> np.ndarray:
+    """Run ``images`` (uint8 NHWC) through ``session`` in batches and return ``output``."""
+    parts = [session.run([output], {"image": np.ascontiguousarray(images[i:i + batch_size])})[0]
+             for i in range(0, len(images), batch_size)]
+    return np.concatenate(parts)
+
+
+def torch_reference(module: nn.Module) -> nn.Module:
+    """The uint8-NHWC module to compare against: ``module`` itself or ``ImageClassifier(module)``."""
+    return module if isinstance(module, ImageClassifier) else ImageClassifier(module)
+
+
+@torch.inference_mode()
+def torch_outputs(module: nn.Module, images: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
+    """PyTorch eager outputs (probabilities for a classifier, the tensor itself otherwise) on the CPU."""
+    was_training = module.training
+    module.eval()
+    try:
+        parts = []
+        for i in range(0, len(images), batch_size):
+            out = module(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])))
+            parts.append((out[1] if isinstance(out, tuple) else out).float().numpy())
+    finally:
+        module.train(was_training)
+    return np.concatenate(parts)
+
+
+def _check_images(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
+        raise ValueError(f"parity images must be a non-empty uint8 array [N, H, W, 3], got {images.dtype} "
+                         f"{images.shape}.")
+    return images
+
+
+def compare_outputs(expected: np.ndarray, actual: np.ndarray, *, atol: float, provider: str,
+                    classify: bool = True) -> dict[str, Any]:
+    """Parity report for two output arrays; argmax disagreements count as failures unless they are near-ties."""
+    diff = float(np.max(np.abs(expected.astype(np.float64) - actual.astype(np.float64))))
+    report: dict[str, Any] = {"max_abs_diff": diff, "n_images": int(len(expected)), "provider": provider,
+                              "atol": atol}
+    passed = diff <= atol
+    if classify:
+        top_ref, top_onnx = expected.argmax(1), actual.argmax(1)
+        agree = top_ref == top_onnx
+        rows = np.arange(len(expected))
+        near_tie = np.abs(expected[rows, top_ref] - expected[rows, top_onnx]) <= atol
+        report["max_abs_diff_probabilities"] = report.pop("max_abs_diff")
+        report["top1_agreement"] = float(agree.mean())
+        passed = passed and bool(np.all(agree | near_tie))
+    report["passed"] = bool(passed)
+    return report
+
+
+def check_parity(onnx_path: str | os.PathLike[str], classifier: nn.Module, images_uint8_nhwc: np.ndarray, *,
+                 atol: float = 1e-4, provider: str = CPU) -> dict[str, Any]:
+    """Compare onnxruntime's probabilities with PyTorch's on the same uint8 images.
+
+    Returns {"max_abs_diff_probabilities", "top1_agreement", "n_images", "provider", "atol", "passed"};
+    ``passed`` requires the largest probability difference <= ``atol`` and the same top-1 class (ties aside).
+    """
+    images = _check_images(images_uint8_nhwc)
+    session = cpu_session(onnx_path, providers=[provider])
+    actual = run_onnx(session, images)
+    expected = torch_outputs(torch_reference(classifier), images)
+    return compare_outputs(expected, actual, atol=atol, provider=session.get_providers()[0])
+
+
+def evaluate_onnx(path: str | os.PathLike[str], images: np.ndarray, labels: Sequence[int] | np.ndarray, *,
+                  providers: Sequence[str] = (CPU,), batch_size: int = 32) -> float:
+    """Top-1 accuracy of an exported classifier on prepared uint8 images ``[N, S, S, 3]`` and integer labels."""
+    labels = np.asarray(labels)
+    images = _check_images(images)
+    if len(labels) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(labels)} labels; pass one label per image.")
+    probs = run_onnx(cpu_session(path, providers=providers), images, batch_size=batch_size)
+    return float(np.mean(probs.argmax(1) == labels))

@@ -1,0 +1,209 @@
+"""Training core: cached features, frozen backbone, determinism, diagnostics, report and state dicts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from core import diagnostics
+from core.data import load_dataset
+from core.features import TorchFeatureExtractor
+from core.metrics import classification_metrics, verdict
+from core.preprocess import to_array
+from core.report import write_run
+from core.train import Callbacks, TrainConfig, TrainingCancelled, run_compare, speedup, time_to_target
+from models.preprocess import ImagePreprocess
+
+TINY = "sample:shapes?per_class=10&size=32"
+FAST = dict(image_size=32, epochs=2, feature_engine="torch", device="cpu", batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tmp_path_factory):
+    import os
+
+    os.environ["TRANSFER_LAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    ds = load_dataset(TINY)
+    return run_compare(ds, TrainConfig(**FAST))
+
+
+def _strip_seconds(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def test_report_has_the_documented_schema(tiny_result, tmp_path):
+    paths = write_run(tiny_result, tmp_path, export=False)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(paths) >= {"report.json", "manifest.csv", "learning_curves.png", "confusion_matrices.png",
+                          "pretrained.pt", "scratch.pt"}
+    assert {"source", "classes", "counts", "skipped"} <= set(report["dataset"])
+    assert report["dataset"]["classes"] == ["circle", "square", "triangle"]
+    assert report["device"] == "cpu" and report["backbone"] == "efficientnet_lite0"
+    assert report["image_size"] == 32 and report["seed"] == 0 and report["target_accuracy"] == 0.85
+    for arm in ("pretrained", "scratch"):
+        run = report["runs"][arm]
+        for key in ("val_accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "per_class",
+                    "confusion_matrix", "train_seconds", "time_to_target_seconds", "best_epoch", "verdict", "history"):
+            assert key in run, (arm, key)
+        assert set(run["per_class"]["circle"]) == {"precision", "recall", "f1", "support"}
+        assert run["verdict"]["label"] in {"good", "fair", "poor"} and run["verdict"]["reasons"]
+        assert len(run["history"]) == 2
+        assert set(run["history"][0]) == {"epoch", "seconds", "train_loss", "train_accuracy", "val_loss",
+                                          "val_accuracy"}
+        assert np.sum(run["confusion_matrix"]) == sum(report["dataset"]["counts"]["val"].values())
+    assert "speedup_time_to_target" in report
+    assert set(report["diagnostics"]) == {"imbalance", "leakage", "overfitting"}
+    assert set(report["diagnostics"]["overfitting"]) == {"pretrained", "scratch"}
+    manifest = (tmp_path / "manifest.csv").read_text().splitlines()
+    assert manifest[0] == "file,class,split,sha256" and len(manifest) == 31
+
+
+def test_state_dicts_reload_with_weights_only(tiny_result, tmp_path):
+    write_run(tiny_result, tmp_path, export=False)
+    for arm in ("pretrained", "scratch"):
+        state = torch.load(tmp_path / f"{arm}.pt", weights_only=True)
+        model = models.build_classifier("efficientnet_lite0", 3, pretrained=False)
+        model.load_state_dict(state)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(x), tiny_result.runs[arm].model.eval()(x))
+
+
+def test_cached_feature_head_equals_the_full_network(tiny_result):
+    """The head trained on cached features gives the same logits when run through the frozen backbone."""
+    model = tiny_result.runs["pretrained"].model.eval()
+    crops = tiny_result.val.crops
+    with torch.no_grad():
+        through_backbone = model(ImagePreprocess(model.spec.mean, model.spec.std)(torch.from_numpy(crops)))
+        extractor = TorchFeatureExtractor(models.get_backbone("efficientnet_lite0", pretrained=True),
+                                          torch.device("cpu"))
+        from_cache = model.head(torch.from_numpy(extractor.extract(crops)))
+    torch.testing.assert_close(from_cache, through_backbone, atol=1e-5, rtol=1e-5)
+    probs = torch.softmax(through_backbone, 1).numpy()
+    np.testing.assert_allclose(probs, tiny_result.runs["pretrained"].val_probabilities, atol=1e-5)
+
+
+def test_backbone_batchnorm_statistics_unchanged(tiny_result):
+    fresh = models.get_backbone("efficientnet_lite0", pretrained=True).state_dict()
+    trained = tiny_result.runs["pretrained"].model.backbone.state_dict()
+    stats = [k for k in fresh if "running_mean" in k or "running_var" in k]
+    assert len(stats) > 40
+    for key in stats:
+        torch.testing.assert_close(trained[key], fresh[key], rtol=0, atol=0)
+    assert not any(p.requires_grad for p in tiny_result.runs["pretrained"].model.backbone.parameters())
+
+
+def test_feature_extraction_keeps_backbone_in_eval_mode():
+    backbone = models.get_backbone("efficientnet_lite0", pretrained=True)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    extractor = TorchFeatureExtractor(backbone, torch.device("cpu"))
+    extractor.extract(np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8))
+    assert not extractor.backbone.training
+    for key, value in extractor.backbone.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_same_seed_same_metrics(tiny_result):
+    again = run_compare(load_dataset(TINY), TrainConfig(**FAST))
+    for arm in ("pretrained", "scratch"):
+        a, b = tiny_result.report["runs"][arm], again.report["runs"][arm]
+        assert _strip_seconds(a["history"]) == _strip_seconds(b["history"])
+        assert a["confusion_matrix"] == b["confusion_matrix"] and a["f1_macro"] == b["f1_macro"]
+
+
+def test_cancel_stops_training():
+    cb = Callbacks()
+    cb.cancel.set()
+    with pytest.raises(TrainingCancelled):
+        run_compare(load_dataset(TINY), TrainConfig(**FAST), cb)
+
+
+def test_progress_and_epoch_callbacks_fire():
+    stages, epochs = set(), []
+    cb = Callbacks(progress=lambda s, f, m: stages.add(s), epoch=lambda arm, rec: epochs.append(arm))
+    run_compare(load_dataset(TINY), TrainConfig(**{**FAST, "epochs": 1}), cb, arms=("pretrained",))
+    assert {"decode", "features", "pretrained", "done"} <= stages
+    assert epochs == ["pretrained"]
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(ValueError, match="Unknown config key"):
+        TrainConfig.from_dict({"epochz": 3})
+    with pytest.raises(ValueError, match="Did you mean"):
+        TrainConfig(backbone="resnet_18").validated()
+    with pytest.raises(ValueError, match="image_size"):
+        TrainConfig(image_size=8).validated()
+
+
+def test_time_to_target_and_speedup():
+    hist = [{"seconds": 1.0, "val_accuracy": 0.5}, {"seconds": 2.0, "val_accuracy": 0.9}]
+    assert time_to_target(hist, 0.85) == 2.0 and time_to_target(hist, 0.95) is None
+    assert speedup({"time_to_target_seconds": 2.0}, {"time_to_target_seconds": 10.0, "train_seconds": 10}) == 5.0
+    assert speedup({"time_to_target_seconds": 2.0}, {"time_to_target_seconds": None, "train_seconds": 30.0}) == {
+        "lower_bound": 15.0}
+
+
+# --- diagnostics on planted cases -------------------------------------------------------------------------
+
+def test_imbalance_flagged_on_planted_case_not_on_clean():
+    imbalanced = load_dataset("sample:shapes?per_class=20&imbalance=0.1&size=32")
+    assert diagnostics.class_balance(imbalanced.counts()["train"])["flagged"]
+    assert not diagnostics.class_balance(load_dataset(TINY).counts()["train"])["flagged"]
+
+    classes = ["a", "b"]
+    y_true = np.array([0] * 18 + [1] * 2)
+    lazy = classification_metrics(y_true, np.zeros(20, int), classes)  # always answers the majority class
+    flagged = diagnostics.imbalance({"a": 90, "b": 10}, y_true, lazy, classes)
+    assert flagged["flagged"] and flagged["majority_baseline_accuracy"] == 0.9
+    assert "'b'" in flagged["message"]
+    good = classification_metrics(np.array([0, 1] * 10), np.array([0, 1] * 10), classes)
+    assert not diagnostics.imbalance({"a": 50, "b": 50}, np.array([0, 1] * 10), good, classes)["flagged"]
+
+
+def test_leakage_flagged_on_planted_duplicates_not_on_clean():
+    leaky = run_compare(load_dataset("sample:shapes?per_class=10&size=32&duplicates=3"),
+                        TrainConfig(**{**FAST, "epochs": 1}), arms=("pretrained",))
+    leak = leaky.report["diagnostics"]["leakage"]
+    assert leak["flagged"] and leak["n_exact"] == 3
+    assert all(p["train"] != p["other"] for p in leak["exact_duplicates"])
+    clean = run_compare(load_dataset(TINY), TrainConfig(**{**FAST, "epochs": 1}), arms=("pretrained",))
+    assert not clean.report["diagnostics"]["leakage"]["flagged"]
+
+
+def test_near_duplicates_found_by_feature_similarity():
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(5, 16))
+    other = np.vstack([train[2] + 0.01 * rng.normal(size=16), rng.normal(size=16)])
+    out = diagnostics.leakage([f"t{i}" for i in range(5)], list("abcde"), ["v0", "v1"], ["x", "y"], train, other)
+    assert out["flagged"] and out["n_exact"] == 0 and out["near_duplicates"][0]["train"] == "t2"
+
+
+def test_overfitting_flagged_on_tiny_noisy_train_set():
+    ds = load_dataset("sample:shapes?per_class=8&size=32&noise=0.4")
+    res = run_compare(ds, TrainConfig(**{**FAST, "epochs": 40, "head_lr": 0.05}), arms=("pretrained",))
+    assert res.report["diagnostics"]["overfitting"]["pretrained"]["flagged"]
+    history = [{"epoch": e, "train_loss": 1 / e, "train_accuracy": 0.8, "val_loss": 0.5, "val_accuracy": 0.78}
+               for e in range(1, 6)]
+    assert not diagnostics.overfitting(history)["flagged"]
+
+
+def test_verdict_rule_of_thumb():
+    good = {"val_accuracy": 0.9, "precision_macro": 0.88, "recall_macro": 0.86}
+    assert verdict(good)["label"] == "good"
+    assert verdict({**good, "val_accuracy": 0.6})["label"] == "poor"
+    assert verdict({"val_accuracy": 0.8, "precision_macro": 0.95, "recall_macro": 0.7})["label"] == "poor"
+    assert verdict({"val_accuracy": 0.8, "precision_macro": 0.8, "recall_macro": 0.79})["label"] == "fair"
+
+
+def test_eval_pixels_match_the_export_rule(tiny_result):
+    """Training crops are exactly what ``core.preprocess.to_array`` gives the exported model's caller."""
+    from core.images import open_rgb
+
+    spec = models.get_backbone_spec("efficientnet_lite0")
+    first = tiny_result.val.files[0]
+    expected = to_array(open_rgb(first), 32, spec.resize_for(32), spec.interpolation)
+    np.testing.assert_array_equal(tiny_result.val.crops[0], expected)
