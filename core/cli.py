@@ -161,6 +161,32 @@ def add_backbones_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_backbones)
 
 
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark: pretrained arm wall time vs one inference pass (target <= 1.5x)")
+    _add_training_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from core.benchmark import pretrained_overhead
+
+    ds = load_dataset(args.data, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
+    r = pretrained_overhead(ds, _config_from_args(args))
+    print(f"{r['images']} images at {r['image_size']}px on {r['device']} ({r['feature_engine']}), {r['epochs']} epochs")
+    print(f"one inference pass (decode + features): {r['inference_pass_seconds']:.2f}s")
+    print(f"pretrained arm (decode + features + head training): {r['pretrained_arm_seconds']:.2f}s")
+    print(f"ratio: {r['ratio']:.2f}x (target <= 1.5x); val accuracy {r['val_accuracy']:.1%}")
+    return 0
+
+
+def _config_from_args(args: argparse.Namespace):
+    from core.train import TrainConfig
+
+    return TrainConfig(backbone=args.backbone, epochs=args.epochs, budget_seconds=args.budget_seconds,
+                       image_size=args.image_size, target_accuracy=args.target, seed=args.seed, device=args.device,
+                       views=args.views).validated()
+
+
 def cmd_backbones(args: argparse.Namespace) -> int:
     import models
 
@@ -175,11 +201,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from core.report import write_run
-    from core.train import TrainConfig, run_compare
+    from core.train import Callbacks, run_compare
 
-    cfg = TrainConfig(backbone=args.backbone, epochs=args.epochs, budget_seconds=args.budget_seconds,
-                      image_size=args.image_size, target_accuracy=args.target, seed=args.seed, device=args.device,
-                      views=args.views).validated()
+    cfg = _config_from_args(args)
     ds = load_dataset(args.data, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
     arms = (args.mode,) if getattr(args, "mode", None) else None
     bars: dict[str, tqdm] = {}
@@ -199,8 +223,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     def epoch(arm: str, rec: dict) -> None:
         tqdm.write(f"{arm:10s} epoch {rec['epoch']:3d}  {rec['seconds']:7.1f}s  train acc {rec['train_accuracy']:.3f}"
                    f"  val acc {rec['val_accuracy']:.3f}  val loss {rec['val_loss']:.3f}")
-
-    from core.train import Callbacks
 
     result = run_compare(ds, cfg, Callbacks(progress=progress, epoch=epoch), arms=arms)
     for bar in bars.values():
@@ -252,7 +274,7 @@ def summary_text(report: dict) -> str:
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_datasets_parser, add_backbones_parser, add_compare_parser, add_train_parser,
+    add_datasets_parser, add_backbones_parser, add_compare_parser, add_train_parser, add_bench_parser,
 ]
 
 

@@ -248,7 +248,8 @@ def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages
     model.head.load_state_dict(best_state)
     model.freeze_backbone()
     return RunResult("pretrained", model.eval(), history, best["epoch"], train_seconds, val_prob, test_prob,
-                     extra={"feature_engine": extractor.engine, "feature_seconds": feature_seconds,
+                     extra={"feature_engine": getattr(extractor, "engine", None)
+                            or f"onnxruntime-{getattr(extractor, 'provider', '?')}", "feature_seconds": feature_seconds,
                             "features": {"train": feats[0].numpy(), "other": torch.cat(feats[len(views):]).numpy()}})
 
 
@@ -272,6 +273,11 @@ def train_scratch(cfg: TrainConfig, classes: list[str], train: PreparedImages, v
     cuda = device.type == "cuda"
 
     model = models.build_classifier(cfg.backbone, len(classes), pretrained=False).to(device)
+    for m in model.modules():
+        # Some checkpoints' BatchNorm uses TF's slow decay (momentum 0.01): with a few dozen steps the running
+        # statistics would still be near their init and eval-mode predictions meaningless. Track them faster.
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.1
     preprocess = ImagePreprocess(model.spec.mean, model.spec.std).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
