@@ -187,6 +187,37 @@ def _config_from_args(args: argparse.Namespace):
                        views=args.views).validated()
 
 
+def add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify images with an exported .onnx model (one JSON line per image)")
+    p.add_argument("--model", required=True, metavar="M.onnx", help="a model.onnx exported by this project")
+    p.add_argument("images", nargs="+", metavar="IMG", help="image files")
+    p.add_argument("--top-k", type=int, default=3, help="labels per image (default 3)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA provider when usable, else CPU")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from core.images import ImageDecodeError, open_rgb
+    from core.inference import Predictor
+
+    predictor = Predictor(args.model, device=args.device)
+    if predictor.fallback_warning:
+        print(f"warning: {predictor.fallback_warning}", file=sys.stderr)
+    failed = 0
+    for path in args.images:
+        try:
+            image = open_rgb(path)
+        except (ImageDecodeError, OSError) as exc:
+            print(json.dumps({"file": path, "error": str(getattr(exc, "reason", exc))}))
+            failed += 1
+            continue
+        result = predictor.predict([image], top_k=args.top_k)[0]
+        print(json.dumps({"file": path, "label": result["label"], "probability": result["probability"],
+                          "top_k": result["top_k"], "provider": result["provider"]}))
+    return 1 if failed else 0
+
+
 def cmd_backbones(args: argparse.Namespace) -> int:
     import models
 
@@ -275,6 +306,7 @@ def summary_text(report: dict) -> str:
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_datasets_parser, add_backbones_parser, add_compare_parser, add_train_parser, add_bench_parser,
+    add_predict_parser,
 ]
 
 
@@ -290,12 +322,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Input errors from every layer, imported lazily so `datasets` stays fast to start."""
+    errors = list(USER_ERRORS)
+    if sys.modules.get("models") is not None:
+        errors.append(sys.modules["models"].BackboneWeightsError)
+    if sys.modules.get("core.inference") is not None:
+        errors.append(sys.modules["core.inference"].ModelFormatError)
+    if sys.modules.get("core.device") is not None:
+        errors.append(sys.modules["core.device"].DeviceError)
+    return tuple(errors)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except USER_ERRORS as exc:
+    except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

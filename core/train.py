@@ -259,9 +259,8 @@ def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages
 
 def _augment(image_size: int) -> v2.Compose:
     return v2.Compose([
-        v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True),
+        v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.ColorJitter(0.2, 0.2, 0.2),
     ])
 
 
