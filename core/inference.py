@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,7 +87,8 @@ def _int_key(meta: Mapping[str, str], key: str, path: Path) -> int:
     try:
         value = int(meta[key])
     except (KeyError, ValueError):
-        raise _bad(path, f"metadata {key!r} must be a positive integer, got {meta.get(key)!r}. {_EXPORT_HINT}") from None
+        got = meta.get(key)
+        raise _bad(path, f"metadata {key!r} must be a positive integer, got {got!r}. {_EXPORT_HINT}") from None
     if value <= 0:
         raise _bad(path, f"metadata {key!r} must be a positive integer, got {value}. {_EXPORT_HINT}")
     return value
@@ -171,7 +173,7 @@ def _open_session(path: Path, providers: Sequence[str | tuple[str, dict]],
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises InvalidProtobuf, Fail, InvalidGraph, ... (pybind types)
-        raise _bad(path, f"not a readable ONNX model ({type(exc).__name__}: {str(exc).strip()[:300]}). "
+        raise _bad(path, f"not a readable ONNX model ({type(exc).__name__}: {str(exc).strip()[:600]}). "
                          f"Expected an .onnx file written by transfer-lab. {_EXPORT_HINT}") from exc
 
 
@@ -275,6 +277,26 @@ def _preload_gpu_libraries() -> None:
         log.debug("onnxruntime.preload_dlls() failed: %s", exc)
 
 
+def nvidia_gpu_visible() -> bool:
+    """Whether an NVIDIA GPU is visible to this process (Linux: the driver's device nodes; elsewhere assume yes).
+
+    onnxruntime-gpu lists CUDAExecutionProvider whether or not a GPU exists; without one, asking for it only
+    produces error lines before the CPU takes over. ``auto`` skips it when no GPU is visible.
+    """
+    if not sys.platform.startswith("linux"):
+        return True
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/dxg", "/proc/driver/nvidia/gpus"))
+
+
+def usable_providers(available: Sequence[str], device: str, gpu_visible: bool) -> list[str]:
+    """``available`` minus the GPU providers when ``device='auto'`` and no GPU is visible."""
+    if device == "auto" and not gpu_visible:
+        return [p for p in available if p not in _GPU_PROVIDERS]
+    return list(available)
+
+
 def _fallback_message(device: str, available: Sequence[str], provider: str) -> str | None:
     if provider != CPU:
         return None
@@ -296,7 +318,7 @@ def create_session(path: Path, device: str = "auto", *, intra_op_threads: int | 
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}.")
     _check_file(path)
-    available = ort.get_available_providers()
+    available = usable_providers(ort.get_available_providers(), device, nvidia_gpu_visible())
     providers = select_providers(available, device)
     if any(p in _GPU_PROVIDERS for p in providers):
         _preload_gpu_libraries()

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -115,10 +116,54 @@ def optimize_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, 
     return dst
 
 
-def _head_nodes(model_path: Path) -> list[str]:
-    """The classifier head (Gemm/MatMul feeding Softmax) and Softmax stay in float: tiny, and keeps outputs exact."""
+def _float_only_nodes(model_path: Path) -> list[str]:
+    """Nodes kept in float: the in-graph preprocessing before the first Conv (quantized element-wise ops on the
+    full-size image cost more than they save) and the head (Gemm/MatMul, Softmax: tiny, keeps outputs exact)."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    return [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul", "Softmax")]
+    before_conv = {i.name for i in graph.input}
+    keep = []
+    for node in graph.node:  # ONNX graphs are topologically sorted
+        if node.op_type in ("Gemm", "MatMul", "Softmax"):
+            keep.append(node.name)
+        elif node.op_type != "Conv" and any(i in before_conv for i in node.input):
+            before_conv.update(node.output)
+            keep.append(node.name)
+    return keep
+
+
+def _scalarize_preprocessing(path: Path, node_names: list[str]) -> None:
+    """Per-channel constants of the in-graph normalisation that are equal in every channel become scalars.
+
+    Exact (same broadcast result), and much faster once onnxruntime moves these ops into the NHWC layout of
+    its INT8 convolutions, where broadcasting a 3-vector over the last axis is slow.
+    """
+    model = onnx.load(str(path))
+    graph = model.graph
+    names = set(node_names)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.input, *graph.value_info]
+             if v.type.tensor_type.HasField("shape")}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    changed = set()
+    for init in graph.initializer:
+        nodes = users.get(init.name, [])
+        if len(init.dims) < 2 or not nodes or any(
+            n.name not in names or n.op_type not in ("Mul", "Add", "Sub", "Div") or len(n.input) != 2
+            or ranks.get(next(i for i in n.input if i != init.name), 0) < len(init.dims)
+            for n in nodes
+        ):
+            continue  # only constants whose every use keeps its output shape when the constant is a scalar
+        values = onnx.numpy_helper.to_array(init)
+        if values.size > 1 and np.all(values == values.flat[0]):
+            init.CopyFrom(onnx.numpy_helper.from_array(np.asarray(values.flat[0], dtype=values.dtype), init.name))
+            changed.add(init.name)
+    if changed:
+        stale = [v for v in model.graph.value_info if v.name in changed]
+        for v in stale:
+            model.graph.value_info.remove(v)
+        onnx.save_model(model, str(path))
 
 
 def quantize_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str], calib_images: np.ndarray, *,
@@ -130,6 +175,7 @@ def quantize_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike
     pre = _tmp_beside(out.with_name(out.stem + ".pre.onnx"))
     try:
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        float_nodes = _float_only_nodes(pre)
         quantize_static(
             str(pre), str(out), reader,
             quant_format=QuantFormat.QDQ,
@@ -137,8 +183,9 @@ def quantize_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=calibrate_method,
-            nodes_to_exclude=_head_nodes(pre),
+            nodes_to_exclude=float_nodes,
         )
+        _scalarize_preprocessing(out, float_nodes)
     finally:
         pre.unlink(missing_ok=True)
     _copy_metadata(src, out, "int8")
@@ -188,6 +235,7 @@ def _build(variant: str, src: Path, tmp: Path, calib_images: np.ndarray | None) 
         quantize_int8(src, tmp, calib_images)
     else:
         convert_fp16(src, tmp)
+    onnx.checker.check_model(str(tmp), full_check=True)
 
 
 def build_variants(fp32_path: str | os.PathLike[str], calib_images: np.ndarray | None, val_images: np.ndarray,

@@ -1,0 +1,149 @@
+"""Command line: ``python -m export onnx|triton|bench``. Errors print ``error: <message>`` and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAX_CALIBRATION_IMAGES = 64
+
+
+def load_run_images(run_dir: Path, report: dict[str, Any], splits: tuple[str, ...], *, data_root: Path | None = None,
+                    limit: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Prepared uint8 images and label indices of the first of ``splits`` present in ``manifest.csv``."""
+    import models
+    from core.images import ImageDecodeError, open_rgb
+    from core.preprocess import to_array
+
+    manifest = run_dir / "manifest.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} not found; it is written by `python -m core compare`.")
+    classes = report["dataset"]["classes"]
+    root_text = data_root or report["dataset"].get("root")
+    if not root_text:
+        raise ValueError(f"{run_dir / 'report.json'} has no dataset.root; pass --data PATH to the image folder.")
+    root = Path(root_text)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} (from report.json) does not exist; pass --data PATH to "
+                                "where the images are now.")
+    with open(manifest, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    chosen: list[dict[str, str]] = []
+    for split in splits:
+        chosen = [r for r in rows if r.get("split") == split]
+        if chosen:
+            break
+    if limit is not None and len(chosen) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(chosen), limit, replace=False))
+        chosen = [chosen[i] for i in keep]
+    image_size = int(report["image_size"])
+    spec = models.get_backbone_spec(report["backbone"])
+    images, labels, failed = [], [], 0
+    for row in chosen:
+        try:
+            image = open_rgb(root / row["file"])
+        except (ImageDecodeError, OSError):
+            failed += 1
+            continue
+        images.append(to_array(image, image_size, spec.resize_for(image_size), spec.interpolation))
+        labels.append(classes.index(row["class"]))
+    if failed:
+        print(f"warning: skipped {failed} unreadable images of split {splits[0]!r} under {root}", file=sys.stderr)
+    if not images:
+        return np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros(0, np.int64)
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def cmd_onnx(args: argparse.Namespace) -> int:
+    from export.onnx_export import export_run, load_run_classifier, report_key, write_json_atomic
+
+    run_dir = Path(args.run)
+    classifier, report = load_run_classifier(run_dir, args.arm)
+    data = Path(args.data) if args.data else None
+    val_images, val_labels = load_run_images(run_dir, report, ("val", "test"), data_root=data)
+    calib, _ = load_run_images(run_dir, report, ("train", "val"), data_root=data, limit=MAX_CALIBRATION_IMAGES)
+    variants = () if args.no_variants else None
+    section = export_run(
+        run_dir, classifier, classes=report["dataset"]["classes"], backbone=report["backbone"],
+        image_size=int(report["image_size"]), training_mode=args.arm,
+        metrics=report.get("runs", {}).get(args.arm), val_images_uint8=val_images, val_labels=val_labels,
+        calib_images_uint8=calib, tolerance=args.tolerance, variants=variants,
+    )
+    report[report_key(args.arm)] = section
+    write_json_atomic(run_dir / "report.json", report)
+    parity = section["parity"]
+    print(f"wrote {run_dir / section['model']}: parity max |dp| {parity['max_abs_diff_probabilities']:.2e}, "
+          f"top-1 agreement {parity['top1_agreement']:.3f} on {parity['n_images']} images ({parity['provider']})")
+    for v in section["variants"]:
+        print(f"  {v['variant']}: {'kept ' + v['path'] if v['accepted'] else 'rejected'} ({v['reason']})")
+    return 0
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from export.triton import write_triton_repository
+
+    path = write_triton_repository(args.model, args.out, model_name=args.name, max_batch_size=args.max_batch_size)
+    print(f"wrote Triton model {path} (serve with: tritonserver --model-repository {Path(args.out)})")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from export.bench import benchmark
+
+    results = benchmark(args.model, batch_sizes=tuple(args.batch), repeats=args.repeats, run_dir=args.run,
+                        threads=args.threads)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m export", description="Export, serve and benchmark trained models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("onnx", help="export a trained run to RUN/model.onnx (+ model.int8.onnx when accurate)")
+    p.add_argument("--run", required=True, help="run folder written by `python -m core compare`")
+    p.add_argument("--arm", choices=("pretrained", "scratch"), default="pretrained",
+                   help="which trained model to export (scratch goes to model-scratch.onnx)")
+    p.add_argument("--data", help="dataset folder, if it moved since training")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="largest accuracy drop (fraction) for an INT8/FP16 variant to be kept (default 0.01)")
+    p.add_argument("--no-variants", action="store_true", help="export FP32 only")
+    p.set_defaults(func=cmd_onnx)
+
+    p = sub.add_parser("triton", help="write a Triton model repository for an exported model")
+    p.add_argument("--model", required=True, help="exported .onnx file")
+    p.add_argument("--out", required=True, help="model repository folder")
+    p.add_argument("--name", help="Triton model name (default: the file name without .onnx)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_triton)
+
+    p = sub.add_parser("bench", help="latency of torch eager vs onnxruntime FP32 vs INT8")
+    p.add_argument("--model", required=True, help="exported .onnx file (INT8 sibling used when present)")
+    p.add_argument("--run", help="run folder, to rebuild the PyTorch model for comparison")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (default: 1 16)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, help="intra-op threads for every engine (default: physical cores)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:  # ModelFormatError, ParityError, ... included
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Latency of PyTorch eager vs onnxruntime FP32 vs INT8 on the same inputs, in one process and one run."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.inference import Predictor, default_threads, read_model_info
+from export.quantize import variant_path
+
+
+def _time_rounds(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int,
+                 rounds: int = 3) -> dict[str, float]:
+    """Median wall time (ms) per engine. Engines run in blocks, alternating over ``rounds`` so slow drifts in
+    background load hit all of them alike, with a pause between blocks so one engine's idle-spinning worker
+    threads (OpenMP, onnxruntime) do not steal cores from the next."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
+    for count in per_round:
+        for name, fn in fns.items():
+            time.sleep(0.05)
+            for _ in range(warmup):
+                fn()
+            for _ in range(count):
+                start = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: statistics.median(values) for name, values in samples.items() if values}
+
+
+def _torch_runner(torch_model: Any, threads: int) -> tuple[Callable[[np.ndarray], object], Callable[[], None]]:
+    import torch
+
+    from models.preprocess import ImageClassifier
+
+    module = torch_model if isinstance(torch_model, ImageClassifier) else ImageClassifier(torch_model)
+    module = module.to("cpu").eval()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+    def run(batch: np.ndarray) -> object:
+        with torch.inference_mode():
+            return module(torch.from_numpy(batch))
+
+    return run, lambda: torch.set_num_threads(previous)
+
+
+def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] = (1, 16), repeats: int = 20,
+              warmup: int = 3, torch_model: Any = None, run_dir: str | os.PathLike[str] | None = None,
+              threads: int | None = None, device: str = "cpu", print_table: bool = True) -> dict[str, Any]:
+    """Median latency (ms) and throughput (images/s) per engine and batch size, and the speed-up ratios.
+
+    Engines: ``torch`` (eager, CPU; from ``torch_model`` or rebuilt from ``run_dir``), ``onnx_fp32`` and
+    ``onnx_int8`` (when ``<model>.int8.onnx`` exists). All get the same uint8 inputs and thread count.
+    """
+    model_path = Path(model_path)
+    info = read_model_info(model_path)
+    threads = threads or default_threads()
+    torch_note = None if torch_model is not None else "no PyTorch model given (pass --run RUN_DIR)"
+    if torch_model is None and run_dir is not None:
+        from export.onnx_export import load_run_classifier
+
+        try:
+            torch_model, _ = load_run_classifier(run_dir, info.training_mode or "pretrained")
+        except (OSError, ValueError) as exc:  # e.g. an uploaded model without its run folder
+            torch_note = f"PyTorch model not rebuilt: {exc}"
+    engines: dict[str, Callable[[np.ndarray], object]] = {}
+    restore = None
+    if torch_model is not None:
+        engines["torch"], restore = _torch_runner(torch_model, threads)
+    fp32 = Predictor(model_path, device=device, intra_op_threads=threads)
+    engines["onnx_fp32"] = fp32.predict_arrays
+    int8_path = variant_path(model_path, "int8")
+    if int8_path.exists():
+        engines["onnx_int8"] = Predictor(int8_path, device=device, intra_op_threads=threads).predict_arrays
+    rng = np.random.default_rng(0)
+    results: dict[str, Any] = {"model": str(model_path), "image_size": info.image_size, "threads": threads,
+                               "provider": fp32.provider, "repeats": repeats, "batches": {},
+                               "timing": "engines alternate in blocks over up to 3 rounds; median per engine"}
+    if torch_model is None:
+        results["torch_skipped"] = torch_note
+    try:
+        for batch_size in batch_sizes:
+            batch = rng.integers(0, 256, (batch_size, info.image_size, info.image_size, 3), dtype=np.uint8)
+            calls = {name: (lambda run=run, batch=batch: run(batch)) for name, run in engines.items()}
+            timed = _time_rounds(calls, warmup=warmup, repeats=repeats, rounds=min(3, repeats))
+            row: dict[str, Any] = {name: {"ms": ms, "images_per_s": batch_size * 1000.0 / ms}
+                                   for name, ms in timed.items()}
+            ratios = {}
+            if "torch" in row:
+                ratios["onnx_fp32_vs_torch"] = row["torch"]["ms"] / row["onnx_fp32"]["ms"]
+            if "onnx_int8" in row:
+                ratios["onnx_int8_vs_fp32"] = row["onnx_fp32"]["ms"] / row["onnx_int8"]["ms"]
+                if "torch" in row:
+                    ratios["onnx_int8_vs_torch"] = row["torch"]["ms"] / row["onnx_int8"]["ms"]
+            row["ratios"] = ratios
+            results["batches"][batch_size] = row
+    finally:
+        if restore:
+            restore()
+    if print_table:
+        print(format_table(results))
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [f"{results['model']}  size {results['image_size']}  threads {results['threads']}  "
+             f"onnxruntime on {results['provider']}  (median of {results['repeats']})",
+             f"{'batch':>5}  {'engine':<10} {'ms':>9} {'images/s':>10}"]
+    if results.get("torch_skipped"):
+        lines.insert(1, f"torch eager skipped: {results['torch_skipped']}")
+    for batch_size, row in results["batches"].items():
+        for name, value in row.items():
+            if name != "ratios":
+                lines.append(f"{batch_size:>5}  {name:<10} {value['ms']:>9.2f} {value['images_per_s']:>10.1f}")
+        for name, ratio in row["ratios"].items():
+            lines.append(f"{batch_size:>5}  {name} = {ratio:.2f}x")
+    return "\n".join(lines)

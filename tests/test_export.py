@@ -1,0 +1,290 @@
+"""ONNX export: parity, metadata, atomic writes, variants, Triton layout, the run CLI and the benchmark."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+import export.onnx_export as onnx_export
+import export.quantize as quantize
+import models
+from core.inference import FORMAT, Predictor, read_model_info
+from export.__main__ import main as cli_main
+from export.bench import benchmark
+from export.onnx_export import export_classifier, export_classifier_report, read_metadata
+from export.quantize import build_variants, variant_path
+from export.triton import write_triton_repository
+from export.verify import ParityError, check_parity, evaluate_onnx
+
+SIZE = 64
+CLASSES = ["cat", "dog", "fox"]
+BACKBONE = "efficientnet_lite0"
+
+
+def make_classifier(num_classes: int = 3, seed: int = 0) -> models.Classifier:
+    """Pretrained (bundled, offline) backbone and a random head scaled so the probabilities differ per image."""
+    torch.manual_seed(seed)
+    classifier = models.build_classifier(BACKBONE, num_classes, pretrained=True)
+    with torch.no_grad():
+        classifier.head[-1].weight.mul_(10)
+    return classifier.eval()
+
+
+def make_images(n: int, size: int = SIZE, seed: int = 0) -> np.ndarray:
+    """Blocky colour images (more natural activations than white noise)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+    return np.repeat(np.repeat(small, size // 4, axis=1), size // 4, axis=2)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, models.Classifier, dict]:
+    classifier = make_classifier()
+    path = tmp_path_factory.mktemp("export") / "model.onnx"
+    result = export_classifier_report(classifier, path, image_size=SIZE, classes=CLASSES, training_mode="pretrained",
+                                      metrics={"val_accuracy": 0.75}, parity_images=make_images(8))
+    return path, classifier, result
+
+
+def test_parity_passes(exported):
+    path, classifier, result = exported
+    parity = result["parity"]
+    assert parity["passed"] is True
+    assert parity["max_abs_diff_probabilities"] <= 1e-4
+    assert parity["top1_agreement"] == 1.0
+    assert parity["n_images"] == 8 + onnx_export.PARITY_RANDOM_IMAGES
+    again = check_parity(path, classifier, make_images(5, seed=3))
+    assert again["passed"] and again["provider"] == "CPUExecutionProvider"
+
+
+def test_metadata_and_signature_read_back(exported):
+    path, classifier, _ = exported
+    meta = read_metadata(path)
+    spec = models.get_backbone_spec(BACKBONE)
+    resize = spec.resize_for(SIZE)
+    assert meta["format"] == FORMAT == "transfer-lab/1"
+    assert json.loads(meta["classes"]) == CLASSES
+    assert meta["image_size"] == str(SIZE) and meta["resize_size"] == str(resize)
+    assert meta["interpolation"] == spec.interpolation
+    assert meta["resize_rule"] == f"resize shorter side to {resize} with bilinear, centre-crop {SIZE}, RGB uint8 NHWC"
+    assert meta["backbone"] == BACKBONE and meta["training_mode"] == "pretrained"
+    assert json.loads(meta["metrics"]) == {"val_accuracy": 0.75}
+    assert meta["project_version"]
+    model = onnx.load(str(path))
+    (inp,) = model.graph.input
+    assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [SIZE, SIZE, 3]
+    assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
+    assert not list(path.parent.glob(".*.tmp"))
+    info = read_model_info(path)
+    assert info.classes == tuple(CLASSES) and info.resize_size == resize and info.kind == "classifier"
+
+
+def test_batch_axis_is_dynamic(exported):
+    path, classifier, _ = exported
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (1, 5):
+        logits, probs = session.run(None, {"image": make_images(n, seed=n)})
+        assert logits.shape == probs.shape == (n, len(CLASSES))
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_parity_detects_a_different_model(exported):
+    path, _, _ = exported
+    other = make_classifier(seed=1)
+    report = check_parity(path, other, make_images(6))
+    assert report["passed"] is False and report["max_abs_diff_probabilities"] > 1e-3
+
+
+def test_failed_parity_keeps_the_previous_file(exported, tmp_path, monkeypatch):
+    target = tmp_path / "model.onnx"
+    shutil.copyfile(exported[0], target)
+    before = target.read_bytes()
+
+    def failing(*args, **kwargs):
+        return {"max_abs_diff_probabilities": 0.5, "top1_agreement": 0.5, "n_images": 4,
+                "provider": "CPUExecutionProvider", "atol": 1e-4, "passed": False}
+
+    monkeypatch.setattr(onnx_export, "check_parity", failing)
+    proto = onnx.load(str(exported[0]))  # skip the slow trace: the failure under test comes after it
+    monkeypatch.setattr(onnx_export, "_export_proto", lambda *args, **kwargs: proto)
+    with pytest.raises(ParityError, match="disagrees with PyTorch"):
+        export_classifier(make_classifier(seed=2), target, image_size=SIZE, classes=CLASSES, training_mode="scratch")
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_failed_checker_keeps_the_previous_file(exported, tmp_path, monkeypatch):
+    target = tmp_path / "model.onnx"
+    shutil.copyfile(exported[0], target)
+    before = target.read_bytes()
+    broken = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["missing"], ["y"])], "broken", [],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
+    monkeypatch.setattr(onnx_export, "_export_proto", lambda *args, **kwargs: broken)
+    with pytest.raises(onnx.checker.ValidationError):
+        export_classifier(make_classifier(), target, image_size=SIZE, classes=CLASSES, training_mode="pretrained")
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_export_rejects_bad_arguments(exported):
+    classifier = exported[1]
+    with pytest.raises(ValueError, match="training_mode"):
+        export_classifier(classifier, "x.onnx", image_size=SIZE, classes=CLASSES, training_mode="finetuned")
+    with pytest.raises(ValueError, match="2 class names"):
+        export_classifier(classifier, "x.onnx", image_size=SIZE, classes=CLASSES[:2], training_mode="scratch")
+
+
+def test_triton_repository(exported, tmp_path):
+    path = exported[0]
+    model_dir = write_triton_repository(path, tmp_path / "repo", model_name="pets", max_batch_size=8)
+    assert model_dir == tmp_path / "repo" / "pets"
+    assert (model_dir / "1" / "model.onnx").read_bytes() == path.read_bytes()
+    assert (model_dir / "labels.txt").read_text().splitlines() == CLASSES
+    config = (model_dir / "config.pbtxt").read_text()
+    assert 'name: "pets"' in config and 'platform: "onnxruntime_onnx"' in config
+    assert "max_batch_size: 8" in config and "dynamic_batching" in config and "instance_group" in config
+    blocks = re.findall(r"\{\s*name: \"(\w+)\"\s*data_type: (\w+)\s*dims: \[ ([\d, ]+) \]([^}]*)\}", config)
+    parsed = {name: (dtype, [int(d) for d in dims.split(",")], rest) for name, dtype, dims, rest in blocks}
+    assert parsed["image"][:2] == ("TYPE_UINT8", [SIZE, SIZE, 3])
+    assert parsed["logits"][:2] == ("TYPE_FP32", [3]) and "label_filename" not in parsed["logits"][2]
+    assert parsed["probabilities"][:2] == ("TYPE_FP32", [3])
+    assert 'label_filename: "labels.txt"' in parsed["probabilities"][2]
+    with pytest.raises(ValueError, match="not a valid Triton model name"):
+        write_triton_repository(path, tmp_path / "repo", model_name="bad name")
+
+
+def test_int8_variant_is_built_and_judged_by_tolerance(exported, tmp_path):
+    path = tmp_path / "model.onnx"
+    shutil.copyfile(exported[0], path)
+    val = make_images(12, seed=5)
+    labels = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        ["probabilities"], {"image": val})[0].argmax(1)
+    (accepted,) = build_variants(path, make_images(8, seed=6), val, labels, tolerance=1.0, variants=("int8",))
+    int8 = variant_path(path, "int8")
+    assert accepted["accepted"] and accepted["path"] == str(int8) and int8.exists()
+    assert accepted["baseline_accuracy"] == 1.0 and accepted["accuracy_drop"] == 1.0 - accepted["accuracy"]
+    assert read_model_info(int8).variant == "int8" and read_model_info(int8).classes == tuple(CLASSES)
+    int8_probs = Predictor(int8, device="cpu").predict_arrays(val)
+    assert int8_probs.shape == (12, 3) and np.abs(int8_probs.sum(1) - 1).max() < 1e-4
+    # EfficientNet-Lite0 normalises every channel alike: those constants become scalars (fast in NHWC INT8 graphs).
+    initializers = onnx.load(str(int8)).graph.initializer
+    constants = {i.name: list(i.dims) for i in initializers if i.name.startswith("preprocess")}
+    assert constants and all(dims == [] for dims in constants.values())
+    # A tolerance no variant can meet: rejected, and the earlier accepted file is removed too.
+    (rejected,) = build_variants(path, make_images(8, seed=6), val, labels, tolerance=-1.0, variants=("int8",))
+    assert not rejected["accepted"] and rejected["path"] is None and "deleted" in rejected["reason"]
+    assert not int8.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+@pytest.mark.parametrize(("variant_accuracy", "tolerance", "accepted"),
+                         [(0.885, 0.01, False), (0.885, 0.02, True), (0.89, 0.01, True), (0.95, 0.0, True)])
+def test_tolerance_rule(exported, tmp_path, monkeypatch, variant_accuracy, tolerance, accepted):
+    path = tmp_path / "model.onnx"
+    shutil.copyfile(exported[0], path)
+    monkeypatch.setattr(quantize, "_build", lambda variant, src, tmp, calib: shutil.copyfile(src, tmp))
+    monkeypatch.setattr(quantize, "evaluate_onnx",
+                        lambda p, images, labels, **kw: 0.90 if Path(p) == path else variant_accuracy)
+    (record,) = build_variants(path, None, make_images(4), [0, 1, 2, 0], tolerance=tolerance, variants=("int8",))
+    assert record["accepted"] is accepted
+    assert record["accuracy_drop"] == pytest.approx(0.90 - variant_accuracy)
+    assert variant_path(path, "int8").exists() is accepted
+
+
+def test_variant_without_validation_images_is_rejected(exported, tmp_path):
+    path = tmp_path / "model.onnx"
+    shutil.copyfile(exported[0], path)
+    empty = np.zeros((0, SIZE, SIZE, 3), np.uint8)
+    (record,) = build_variants(path, make_images(4), empty, [], variants=("int8",))
+    assert not record["accepted"] and "no validation images" in record["reason"]
+
+
+def test_evaluate_onnx(exported):
+    path = exported[0]
+    images = make_images(6, seed=9)
+    labels = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        ["probabilities"], {"image": images})[0].argmax(1)
+    assert evaluate_onnx(path, images, labels) == 1.0
+    assert evaluate_onnx(path, images, (labels + 1) % 3) == 0.0
+
+
+def _write_run(tmp_path: Path, classifier: models.Classifier) -> Path:
+    """A run folder as `python -m core compare` writes it, over a tiny dataset of generated photos."""
+    root = tmp_path / "data"
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = []
+    rng = np.random.default_rng(0)
+    for ci, cls in enumerate(CLASSES):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            colour = np.zeros((3,), np.uint8)
+            colour[ci] = 200
+            pixels = np.clip(rng.normal(colour, 30, (70, 90, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / cls / f"{i}.png")
+            rows.append([f"{cls}/{i}.png", cls, "train" if i < 2 else "val", "0" * 64])
+    with open(run / "manifest.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "class", "split", "sha256"])
+        writer.writerows(rows)
+    torch.save(classifier.state_dict(), run / "pretrained.pt")
+    report = {"backbone": BACKBONE, "image_size": SIZE, "dataset": {"classes": CLASSES, "root": str(root)},
+              "runs": {"pretrained": {"val_accuracy": 0.5, "f1_macro": 0.4}}, "other": {"kept": True}}
+    (run / "report.json").write_text(json.dumps(report))
+    return run
+
+
+def test_cli_onnx_exports_a_run_and_records_it(exported, tmp_path, capsys):
+    run = _write_run(tmp_path, exported[1])
+    assert cli_main(["onnx", "--run", str(run), "--tolerance", "1.0"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["other"] == {"kept": True} and report["runs"]["pretrained"]["val_accuracy"] == 0.5
+    section = report["export"]
+    assert section["model"] == "model.onnx" and section["parity"]["passed"]
+    assert section["parity"]["n_images"] == 6 + onnx_export.PARITY_RANDOM_IMAGES
+    (int8,) = section["variants"]
+    assert int8["variant"] == "int8" and int8["accepted"] and (run / int8["path"]).exists()
+    info = read_model_info(run / "model.onnx")
+    assert info.classes == tuple(CLASSES)
+    assert json.loads(read_metadata(run / "model.onnx")["metrics"])["f1_macro"] == 0.4
+    assert "wrote" in capsys.readouterr().out
+
+    assert cli_main(["onnx", "--run", str(run), "--arm", "scratch"]) == 2
+    assert "scratch.pt not found" in capsys.readouterr().err
+    assert cli_main(["triton", "--model", str(run / "model.onnx"), "--out", str(tmp_path / "repo")]) == 0
+    assert (tmp_path / "repo" / "model" / "config.pbtxt").exists()
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    assert cli_main(["onnx", "--run", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    assert cli_main(["triton", "--model", str(tmp_path / "junk.onnx"), "--out", str(tmp_path / "r")]) == 2
+    assert "not a readable ONNX model" in capsys.readouterr().err
+
+
+def test_benchmark_reports_ratios(exported, tmp_path):
+    path = tmp_path / "model.onnx"
+    shutil.copyfile(exported[0], path)
+    results = benchmark(path, batch_sizes=(1, 2), repeats=2, warmup=1, torch_model=exported[1], threads=1,
+                        print_table=False)
+    for batch in (1, 2):
+        row = results["batches"][batch]
+        assert row["torch"]["ms"] > 0 and row["onnx_fp32"]["images_per_s"] > 0
+        assert row["ratios"]["onnx_fp32_vs_torch"] > 0
+        assert "onnx_int8" not in row
+    skipped = benchmark(path, batch_sizes=(1,), repeats=1, warmup=0, run_dir=tmp_path, threads=1, print_table=False)
+    assert "report.json not found" in skipped["torch_skipped"] and "torch" not in skipped["batches"][1]
