@@ -6,13 +6,13 @@ import csv
 import hashlib
 import io
 import os
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.atomic import atomic_write
 from core.images import IMAGE_EXTENSIONS, ImageDecodeError, is_image_file, open_rgb
 from core.safezip import find_root, is_ignored_member, safe_extract
 from core.samples import SAMPLES, SampleError, is_sample_spec, make_sample
@@ -84,19 +84,15 @@ class Dataset:
 
     def write_manifest(self, path: str | os.PathLike[str]) -> None:
         """Write ``file,class,split,sha256`` CSV (files relative to root), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+
+        def produce(tmp: Path) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f)
                 writer.writerow(["file", "class", "split", "sha256"])
                 for it in self.items:
                     writer.writerow([self.relpath(it), self.classes[it.label], it.split, it.sha256])
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        atomic_write(path, produce)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (no per-item list)."""

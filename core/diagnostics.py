@@ -72,7 +72,8 @@ def imbalance(train_counts: dict[str, int], y_true, metrics: dict, classes: list
         "Accuracy paradox: " + "; ".join(reasons) + ". Look at balanced accuracy and per-class recall; collect more "
         "images of the rare classes or weight them."
         if flagged
-        else f"No accuracy paradox: balanced accuracy {bal:.1%} vs accuracy {acc:.1%}, majority baseline {baseline:.1%}."
+        else f"No accuracy paradox: balanced accuracy {bal:.1%} vs accuracy {acc:.1%}, "
+        f"majority baseline {baseline:.1%}."
     )
     return {**before, "flagged": flagged, "majority_baseline_accuracy": baseline, "accuracy": acc,
             "balanced_accuracy": bal, "class_recall": recalls, "message": message}

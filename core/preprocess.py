@@ -35,6 +35,7 @@ def to_array(image: Image.Image, image_size: int, resize_size: int, interpolatio
     return np.ascontiguousarray(center_crop(resized, image_size))
 
 
-def resize_and_crop(image: Image.Image, image_size: int, resize_size: int, interpolation: str = "bilinear") -> Image.Image:
+def resize_and_crop(image: Image.Image, image_size: int, resize_size: int,
+                    interpolation: str = "bilinear") -> Image.Image:
     """The full rule as a Pillow image."""
     return Image.fromarray(to_array(image, image_size, resize_size, interpolation))

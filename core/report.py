@@ -7,9 +7,7 @@ set of files behind, and never destroys an earlier run's artifacts.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 
 from . import plots
+from .atomic import write_json_atomic
 from .train import CompareResult
 
 log = logging.getLogger(__name__)
@@ -31,32 +30,6 @@ CONFUSION = "confusion_matrices.png"
 
 def state_dict_file(arm: str) -> str:
     return f"{arm}.pt"
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(data), f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool = True) -> dict:

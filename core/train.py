@@ -234,7 +234,8 @@ def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages
         # log / stop
         if callbacks.epoch is not None:
             callbacks.epoch("pretrained", record)
-        callbacks.report("pretrained", epoch / cfg.epochs, f"pretrained epoch {epoch}/{cfg.epochs}: val acc {val_acc:.1%}")
+        callbacks.report("pretrained", epoch / cfg.epochs,
+                         f"pretrained epoch {epoch}/{cfg.epochs}: val acc {val_acc:.1%}")
         if cfg.budget_seconds is not None and record["seconds"] >= cfg.budget_seconds:
             break
     train_seconds = time.perf_counter() - start
@@ -452,6 +453,7 @@ def _diagnostics(dataset: Dataset, classes, train, val, test, results: dict[str,
     train_counts = dataset.counts()["train"]
     main_arm = "pretrained" if "pretrained" in runs else next(iter(runs))
     features = results["pretrained"].extra.get("features") if "pretrained" in results else None
+    train_features, other_features = (features["train"], features["other"]) if features else (None, None)
     other_files = val.files + (test.files if test is not None else [])
     other_hashes = val.hashes + (test.hashes if test is not None else [])
     root = str(dataset.root)
@@ -462,6 +464,6 @@ def _diagnostics(dataset: Dataset, classes, train, val, test, results: dict[str,
     return {
         "imbalance": diagnostics.imbalance(train_counts, val.labels, runs[main_arm], classes),
         "leakage": diagnostics.leakage(rel(train.files), train.hashes, rel(other_files), other_hashes,
-                                       *((features["train"], features["other"]) if features is not None else (None, None))),
+                                       train_features, other_features),
         "overfitting": {arm: diagnostics.overfitting(run["history"]) for arm, run in runs.items()},
     }

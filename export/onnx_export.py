@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 
 import models
+from core.atomic import atomic_write, write_json_atomic  # noqa: F401  (re-exported)
 from core.inference import FEATURES_OUTPUT, FORMAT, INPUT_NAME, OUTPUT_NAMES, ModelFormatError, read_model_info
 from export.verify import ParityError, check_parity, compare_outputs, cpu_session, run_onnx, torch_outputs
 from models.preprocess import ImageClassifier, ImagePreprocess
@@ -84,22 +83,6 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """All ``metadata_props`` of an ONNX file (no validation)."""
     model = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in model.metadata_props}
-
-
-def atomic_write(path: str | os.PathLike[str], produce: Callable[[Path], Any]) -> Any:
-    """Call ``produce(tmp)`` to write and check a temp file beside ``path``, then move it into place.
-
-    If ``produce`` raises, ``path`` is left as it was and the temp file is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # created by ``produce``, umask permissions
-    try:
-        result = produce(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return result
 
 
 def _export_proto(module: nn.Module, image_size: int, output_names: list[str], opset: int) -> onnx.ModelProto:
@@ -310,9 +293,3 @@ def load_run_classifier(run_dir: str | os.PathLike[str], training_mode: str = "p
     return classifier.eval(), report
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
-    """Rewrite a JSON file atomically (a reader never sees half a file)."""
-    def produce(tmp: Path) -> None:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-
-    atomic_write(path, produce)
