@@ -1,0 +1,443 @@
+"""The Gradio app's callbacks, called directly with tiny data (no server, no browser)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+
+TINY = "sample:shapes?per_class=8&size=32"
+FAST = dict(backbone="efficientnet_lite0", epochs=1, budget=None, image_size=32, target=0.85, device="cpu",
+            scratch=True, seed=0)
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _NoProgress:
+    def __call__(self, *args, **kwargs):
+        return None
+
+
+def run_train(state, **overrides):
+    """Drive the ``train`` generator to the end; returns (final outputs by name, every update)."""
+    settings = {**FAST, **overrides}
+    updates = [dict(zip(app.TRAIN_OUTPUTS, u)) for u in app.train(state, **settings, progress=_NoProgress())]
+    final = {}
+    for u in updates:
+        final.update({k: v for k, v in u.items() if not (isinstance(v, dict) and v == {"__type__": "update"})})
+    return final, updates
+
+
+def data_out(values):
+    return dict(zip(app.DATA_OUTPUTS, values))
+
+
+def two_class_zip(path: Path, per_class: int = 8, size: int = 32) -> Path:
+    """A zip with two class folders of noisy reddish and bluish images (plus a non-image to skip)."""
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as zf:
+        for cls, channel in (("red", 0), ("blue", 2)):
+            for i in range(per_class):
+                arr = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+                arr[..., channel] = rng.integers(150, 256, (size, size), dtype=np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="PNG")
+                zf.writestr(f"colours/{cls}/{cls}_{i:02d}.png", buf.getvalue())
+        zf.writestr("colours/red/notes.txt", "not an image")
+    return path
+
+
+@pytest.fixture(scope="module")
+def app_root(tmp_path_factory, _session_cache):
+    """A private session root for this module (and the shared test cache for samples and backbone graphs)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TRANSFER_LAB_CACHE", str(_session_cache))
+    root = tmp_path_factory.mktemp("app-sessions")
+    app.configure(root)
+    yield root
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def trained(app_root):
+    """One session with the tiny shapes sample trained for one epoch (both arms) and exported."""
+    state = app.new_session()
+    loaded = data_out(app.load_sample(TINY, state))
+    final, updates = run_train(loaded["state"])
+    return {"state": final["state"], "final": final, "updates": updates, "loaded": loaded}
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def test_import_makes_no_network_calls_and_build_does_not_launch(tmp_path):
+    code = (
+        "import socket\n"
+        "def refuse(*a, **k):\n"
+        "    raise AssertionError(f'network call during import/build: {a[1:] or k}')\n"
+        "socket.socket.connect = refuse\n"
+        "socket.socket.connect_ex = refuse\n"
+        "socket.create_connection = refuse\n"
+        "socket.getaddrinfo = refuse\n"
+        "import app, gradio as gr\n"
+        f"demo = app.build_app({str(tmp_path)!r})\n"
+        "assert isinstance(demo, gr.Blocks)\n"
+        "assert not demo.is_running and getattr(demo, 'local_url', None) is None\n"
+        "print('built', len(demo.fns))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "built" in proc.stdout
+
+
+def test_build_app_wires_named_events_with_concurrency_limits(app_root):
+    demo = app.build_app(app_root, concurrency=1)
+    assert isinstance(demo, gr.Blocks) and not demo.is_running
+    fns = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name}
+    for name in ("load_sample", "load_zip", "train", "predict", "threshold", "upload_model", "benchmark", "cancel"):
+        assert name in fns, f"missing api_name {name}: {sorted(fns)}"
+    assert fns["train"].concurrency_limit == 1 and fns["train"].concurrency_id == "train"
+    assert fns["benchmark"].concurrency_id == "train"
+    assert fns["predict"].concurrency_limit > 1
+    assert isinstance(app.demo, gr.Blocks)  # built lazily on first access (what `gradio app.py` looks for)
+
+
+def test_help_documents_the_launch_options(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_info:
+        app.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--host", "--port", "--share", "--max-file-size", "--concurrency"):
+        assert option in text
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    args = app.parse_args([])
+    assert (args.host, args.port, args.share, args.max_file_size, args.concurrency) == (
+        "127.0.0.1", 7860, False, "200mb", 1)
+    monkeypatch.setenv("SPACE_ID", "someone/transfer-lab")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    args = app.parse_args([])
+    assert args.host == "0.0.0.0" and args.port == 7999
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def test_load_sample_shows_counts_gallery_and_warnings(trained):
+    out = trained["loaded"]
+    assert "3 classes" in out["summary"] and "circle" in out["summary"]
+    assert out["counts_plot"] is not None
+    captions = [caption for _, caption in out["gallery"]]
+    assert {c.split()[0] for c in captions} == {"circle", "square", "triangle"}
+    assert "Classes are reasonably balanced" in out["warnings"]
+    assert out["skipped"].empty
+
+
+@pytest.mark.parametrize(("preset", "expected"), [
+    ("shapes (imbalanced 10:1)", "Classes are imbalanced"),
+    ("shapes (with train/val duplicates)", "Train/validation leakage"),
+])
+def test_presets_show_the_pitfall_warnings(app_root, preset, expected):
+    out = data_out(app.load_sample(preset, app.new_session()))
+    assert "⚠️" in out["warnings"] and expected in out["warnings"]
+
+
+@pytest.mark.parametrize("choice", ["/etc/passwd", "../../secret", "sample:shapes?per_class=100000",
+                                    "sample:nosuch", "sample:shapes?size=9999"])
+def test_only_presets_and_bounded_sample_specs_are_accepted(app_root, choice):
+    with pytest.raises(gr.Error) as err:
+        app.load_sample(choice, app.new_session())
+    assert err.value.message
+
+
+def _zip_error(tmp_path: Path, make) -> str:
+    path = tmp_path / "upload.zip"
+    make(path)
+    with pytest.raises(gr.Error) as err:
+        app.load_zip(str(path), app.new_session())
+    message = err.value.message
+    assert str(app.session_root()) not in message  # no server folders shown to visitors
+    return message
+
+
+def test_bad_uploads_raise_clear_errors(app_root, tmp_path):
+    msg = _zip_error(tmp_path, lambda p: p.write_bytes(b"this is not a zip at all"))
+    assert "not a .zip" in msg and "class" in msg
+
+    def one_class(p):
+        with zipfile.ZipFile(p, "w") as zf:
+            buf = io.BytesIO()
+            Image.new("RGB", (8, 8)).save(buf, format="PNG")
+            for i in range(3):
+                zf.writestr(f"cats/{i}.png", buf.getvalue())
+    msg = _zip_error(tmp_path, one_class)
+    assert "at least two class folders" in msg
+
+    def traversal(p):
+        with zipfile.ZipFile(p, "w") as zf:
+            zf.writestr("../evil/x.png", b"x")
+    msg = _zip_error(tmp_path, traversal)
+    assert "refused" in msg and ".." in msg
+
+    def corrupt(p):
+        data = bytearray(two_class_zip(tmp_path / "good.zip").read_bytes())
+        p.write_bytes(bytes(data[: len(data) // 2]))
+    msg = _zip_error(tmp_path, corrupt)
+    assert "zip" in msg.lower()
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def test_training_streams_progress_and_fills_every_result(trained):
+    final, updates = trained["final"], trained["updates"]
+    assert len(updates) >= 3  # started, per-epoch updates, results
+    assert any("pretrained epoch" in (u["log"] if isinstance(u["log"], str) else "") for u in updates)
+    assert final["status"].startswith("✅")
+    table = final["results"]
+    assert list(table.columns) == ["metric", app.ARM_TITLES["pretrained"], app.ARM_TITLES["scratch"]]
+    metrics = list(table["metric"])
+    for row in ("validation accuracy", "balanced accuracy", "precision (macro)", "recall (macro)", "F1 (macro)",
+                "training time", "time to 85%", "speed-up to target", "verdict"):
+        assert row in metrics
+    assert final["speedup"]
+    assert "pretrained" in final["verdicts"] and "from scratch" in final["verdicts"]
+    assert "Class imbalance" in final["diagnostics"] and "Overfitting (scratch)" in final["diagnostics"]
+    assert set(final["per_class"]["class"]) == {"circle", "square", "triangle"}
+    mistakes = final["mistakes"]
+    assert mistakes, "one epoch on 18 images leaves misclassified validation images"
+    image, caption = mistakes[0]
+    assert image.shape == (32, 32, 3) and "→" in caption
+    assert final["dl_onnx"]["visible"] and Path(final["dl_onnx"]["value"]).name == "model.onnx"
+    assert final["dl_report"]["visible"]
+    assert final["model_choice"]["value"] == "run:fp32"
+    assert final["train_btn"]["interactive"] and not final["cancel_btn"]["interactive"]
+    # every file offered for download lives inside this session's folder
+    folder = app.session_dir(final["state"])
+    for key in ("dl_onnx", "dl_int8", "dl_fp16", "dl_triton", "dl_report"):
+        if final[key].get("value"):
+            assert Path(final[key]["value"]).resolve().is_relative_to(folder.resolve())
+
+
+def test_train_without_data_or_with_bad_settings_is_a_clear_error(app_root, trained):
+    with pytest.raises(gr.Error, match="Load a dataset first"):
+        next(app.train(app.new_session(), **FAST, progress=_NoProgress()))
+    with pytest.raises(gr.Error, match="epochs must be at least 1"):
+        next(app.train(trained["state"], **{**FAST, "epochs": 0}, progress=_NoProgress()))
+    with pytest.raises(gr.Error, match="Unknown backbone"):
+        next(app.train(trained["state"], **{**FAST, "backbone": "resnet9000"}, progress=_NoProgress()))
+
+
+def test_cancel_stops_training(app_root, trained):
+    state = app.new_session()
+    state = data_out(app.load_sample(TINY, state))["state"]
+    state, *_ = app.arm_training(state)
+    app.cancel_training(state)  # cancelled while still waiting in the queue
+    final, _ = run_train(state)
+    assert "Cancelled before training started" in final["status"]
+
+    state, *_ = app.arm_training(state)
+    gen = app.train(state, **{**FAST, "epochs": 20, "image_size": 32}, progress=_NoProgress())
+    first = dict(zip(app.TRAIN_OUTPUTS, next(gen)))
+    assert "started" in first["status"]
+    app.cancel_training(state)
+    rest = [dict(zip(app.TRAIN_OUTPUTS, u)) for u in gen]
+    assert "cancelled" in rest[-1]["status"]
+    assert not list((app.session_dir(state) / "runs").glob("run-*"))
+
+
+# ------------------------------------------------------------------------------------------------ two classes
+
+
+@pytest.fixture(scope="module")
+def two_class(app_root, tmp_path_factory):
+    path = two_class_zip(tmp_path_factory.mktemp("zip") / "colours.zip")
+    loaded = data_out(app.load_zip(str(path), app.new_session()))
+    final, _ = run_train(loaded["state"], scratch=False)
+    return loaded, final
+
+
+def test_zip_upload_lists_skipped_files(two_class):
+    loaded, _ = two_class
+    assert "2 classes" in loaded["summary"] and "blue" in loaded["summary"]
+    assert list(loaded["skipped"]["file"]) == ["red/notes.txt"]
+    assert "not an image" in loaded["skipped"]["reason"][0]
+
+
+def test_threshold_slider_changes_precision_and_recall(two_class):
+    _, final = two_class
+    assert final["threshold_group"]["visible"] is True
+    assert list(final["results"].columns) == ["metric", app.ARM_TITLES["pretrained"]]
+    state = final["state"]
+    low_md, low_cm = app.update_threshold(state, "red", 0.01)
+    high_md, high_cm = app.update_threshold(state, "red", 0.99)
+    assert low_md != high_md
+    assert "recall **100.0%**" in low_md  # everything is predicted positive at a tiny threshold
+    assert "recall **0.0%**" in high_md
+    assert low_cm.shape == (2, 3) and not low_cm.equals(high_cm)
+    assert int(low_cm["predicted red"].sum()) == int(low_cm.iloc[:, 1:].to_numpy().sum())
+
+
+def test_three_class_run_hides_the_threshold(trained):
+    assert trained["final"]["threshold_group"]["visible"] is False
+
+
+# ------------------------------------------------------------------------------------------------ predict
+
+
+def _val_image(trained, cls="circle") -> Path:
+    ds = trained["loaded"]["state"]["dataset"]
+    return next(it.path for it in ds.items if it.split == "val" and ds.classes[it.label] == cls)
+
+
+def test_predict_returns_a_label_dict_with_provider_and_latency(trained):
+    state = trained["state"]
+    label, info, table = app.predict(state, "run:fp32", Image.open(_val_image(trained)), None)
+    assert set(label) <= {"circle", "square", "triangle"} and len(label) == 3
+    assert abs(sum(label.values()) - 1.0) < 1e-3
+    assert "ExecutionProvider" in info and " ms" in info
+    assert len(table) == 1
+    # several files at once, with the INT8 variant when it was accepted
+    choice = "run:int8" if trained["final"]["dl_int8"].get("visible") else "run:fp32"
+    files = [str(_val_image(trained, c)) for c in ("circle", "square", "triangle")]
+    label, info, table = app.predict(state, choice, None, files)
+    assert len(table) == 3 and set(table["prediction"]) <= {"circle", "square", "triangle"}
+
+
+def test_predict_needs_a_model_and_an_image(app_root, trained):
+    with pytest.raises(gr.Error, match="Train a model first"):
+        app.predict(app.new_session(), "run:fp32", Image.new("RGB", (32, 32)), None)
+    with pytest.raises(gr.Error, match="Upload an image"):
+        app.predict(trained["state"], "run:fp32", None, None)
+    with pytest.raises(gr.Error, match="Unknown model choice"):
+        app.predict(trained["state"], "/etc/passwd", Image.new("RGB", (32, 32)), None)
+
+
+def test_predictors_are_shared_per_model_file(trained):
+    path = Path(trained["final"]["dl_onnx"]["value"])
+    first = app.PREDICTORS.get(path)
+    assert app.PREDICTORS.get(path) is first
+    results = []
+
+    def hit():
+        results.append(app.PREDICTORS.get(path))
+
+    threads = [threading.Thread(target=hit) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r is first for r in results)
+
+
+def test_uploaded_onnx_model_is_used_and_bad_files_are_refused(trained, tmp_path):
+    upload = tmp_path / "earlier.onnx"
+    shutil.copyfile(trained["final"]["dl_onnx"]["value"], upload)
+    state = app.new_session()
+    state, choice, desc = app.upload_model(str(upload), state)
+    assert choice["value"] == app.UPLOADED_MODEL and "3 classes" in desc
+    stored = Path(state["uploaded_model"])
+    assert stored.is_relative_to(app.session_dir(state)) and stored != upload
+    label, info, _ = app.predict(state, app.UPLOADED_MODEL, Image.open(_val_image(trained)), None)
+    assert set(label) <= {"circle", "square", "triangle"}
+
+    bogus = tmp_path / "bogus.onnx"
+    bogus.write_bytes(os.urandom(256))
+    with pytest.raises(gr.Error) as err:
+        app.upload_model(str(bogus), app.new_session())
+    assert "ONNX" in err.value.message and str(app.session_root()) not in err.value.message
+
+
+# ------------------------------------------------------------------------------------------------ export & bench
+
+
+def test_export_views_offer_files_parity_and_snippet(trained):
+    final = trained["final"]
+    assert "model.onnx" in final["export_md"]
+    assert "parity" in set(final["parity"]["check"])
+    assert final["parity"]["result"].iloc[0].endswith("passed")
+    if final["dl_triton"].get("visible"):
+        with zipfile.ZipFile(final["dl_triton"]["value"]) as zf:
+            names = zf.namelist()
+        assert any(n.endswith("config.pbtxt") for n in names) and any(n.endswith("1/model.onnx") for n in names)
+    snippet = app.example_snippet()
+    assert "onnxruntime" in snippet and "import torch" not in snippet
+
+
+def test_benchmark_compares_torch_and_onnxruntime(trained, monkeypatch):
+    monkeypatch.setattr(app, "BENCH_REPEATS", 2)
+    monkeypatch.setattr(app, "BENCH_WARMUP", 1)
+    md, fig, table = app.benchmark(trained["state"], progress=_NoProgress())
+    assert "CPUExecutionProvider" in md or "ExecutionProvider" in md
+    assert set(table["batch size"]) == {1, 16}
+    assert {"PyTorch eager", "onnxruntime FP32"} <= set(table["engine"])
+    assert fig is not None
+
+
+# ------------------------------------------------------------------------------------------------ sessions
+
+
+def test_sessions_have_private_folders_that_are_cleaned(app_root):
+    a, b = app.new_session(), app.new_session()
+    fa, fb = app.session_dir(a), app.session_dir(b)
+    assert fa != fb and fa.parent == fb.parent == app.session_root()
+    app.delete_session(a)
+    assert not fa.exists() and fb.exists()
+    # an idle folder is swept, an active one is kept
+    c = app.new_session()
+    fc = app.session_dir(c)
+    old = time.time() - app.SESSION_MAX_IDLE_S - 10
+    os.utime(fb, (old, old))
+    os.utime(fc, (old, old))
+    with app._Active(c["sid"]):
+        deleted = app.sweep_sessions(min_interval_s=0)
+    assert b["sid"] in deleted and not fb.exists()
+    assert fc.exists()
+    # a closed tab is deleted after the grace period
+    app.mark_closed(c)
+    closed = fc / ".closed"
+    os.utime(closed, (old, old))
+    assert c["sid"] in app.sweep_sessions(min_interval_s=0)
+
+
+def test_session_ids_are_never_taken_from_outside(app_root):
+    with pytest.raises(gr.Error):
+        app.session_dir({"sid": "../../etc"})
+    state = app._ensure_state({"sid": "../../etc"})
+    assert app._SID_RE.match(state["sid"])
+
+
+def _report(t_pre, t_scr, sp):
+    run = {"val_accuracy": 0.9, "balanced_accuracy": 0.9, "precision_macro": 0.9, "recall_macro": 0.9,
+           "f1_macro": 0.9, "train_seconds": 12.0, "best_epoch": 2, "epochs_run": 3,
+           "verdict": {"label": "good", "reasons": ["ok"]}}
+    return {"target_accuracy": 0.85, "speedup_time_to_target": sp,
+            "runs": {"pretrained": {**run, "time_to_target_seconds": t_pre},
+                     "scratch": {**run, "time_to_target_seconds": t_scr}}}
+
+
+@pytest.mark.parametrize(("t_pre", "t_scr", "sp", "text", "cell"), [
+    (1.0, 8.0, 8.0, "8.0× sooner", "8.0× sooner"),
+    (1.0, None, {"lower_bound": 12.0}, "at least 12.0×", "≥ 12.0× sooner"),
+    (None, 5.0, None, "the pretrained head did not", "–"),
+    (None, None, None, "Neither arm reached", "–"),
+])
+def test_speedup_is_explained_in_words_and_in_the_table(t_pre, t_scr, sp, text, cell):
+    report = _report(t_pre, t_scr, sp)
+    assert text in app._speedup_text(report)
+    table = app.results_table(report).set_index("metric")
+    assert table.loc["speed-up to target", app.ARM_TITLES["pretrained"]] == cell

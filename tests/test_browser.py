@@ -1,0 +1,199 @@
+"""End to end in a real headless Chromium: sample -> train both arms -> predict -> download model.onnx.
+
+Needs Debian's Chromium at /usr/bin/chromium (``apt-get install -y chromium``; ``.ci/run`` installs it).
+With ``SCREENSHOT_DIR`` set, a screenshot of every tab is also written there, from a somewhat longer run on the
+default sample so that the comparison is meaningful (``SCREENSHOT_DIR=docs/screenshots pytest -m browser``
+refreshes the README's docs/screenshots/compare.png).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+REPO = Path(__file__).resolve().parents[1]
+TINY = "sample:shapes?per_class=8&size=32"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                       reason=f"{CHROMIUM} not found: install Debian's Chromium with `apt-get install -y chromium` "
+                              "(.ci/run does this); Playwright's own browser download is not used"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(tmp: Path, cache: Path, timeout: float = 120.0) -> tuple[subprocess.Popen, str, Path]:
+    """``python app.py`` on a free localhost port; returns (process, url, session root)."""
+    port = free_port()
+    root = tmp / "sessions"
+    log = open(tmp / "app.log", "w")  # noqa: SIM115 - closed with the process
+    env = {**os.environ, "TRANSFER_LAB_CACHE": str(cache), "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("SPACE_ID", None)
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--session-root", str(root)],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_file = log
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited with {proc.returncode}:\n{(tmp / 'app.log').read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return proc, url, root
+        except OSError:
+            time.sleep(0.5)
+    stop_app(proc)
+    raise RuntimeError(f"app did not answer on {url} within {timeout:.0f} s:\n{(tmp / 'app.log').read_text()[-3000:]}")
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.log_file.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, _session_cache):
+    tmp = tmp_path_factory.mktemp("browser-app")
+    proc, url, root = start_app(tmp, _session_cache)
+    yield url, root
+    stop_app(proc)
+
+
+def test_sample_train_predict_export_in_chromium(server, tmp_path):
+    import onnxruntime as ort
+    from playwright.sync_api import expect, sync_playwright
+
+    from core.samples import make_shape_image
+
+    url, _ = server
+    shots_dir = os.environ.get("SCREENSHOT_DIR")
+    docs_mode = bool(shots_dir)  # a longer run on the default sample, so the screenshots mean something
+    if shots_dir:
+        Path(shots_dir).mkdir(parents=True, exist_ok=True)
+
+    def shot(page, name: str, clip_to: str | None = None, keep: bool = True) -> None:
+        kwargs = {"full_page": True}
+        if clip_to:
+            box = page.locator(clip_to).bounding_box()
+            kwargs["clip"] = {"x": 0, "y": 0, "width": page.viewport_size["width"],
+                              "height": box["y"] + box["height"] + 16}
+        page.screenshot(path=str(tmp_path / f"{name}.png"), **kwargs)
+        if shots_dir and keep:
+            shutil.copyfile(tmp_path / f"{name}.png", Path(shots_dir) / f"{name}.png")
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+            page = context.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(url)
+
+            # Data: the default sample is loaded on page open; pick the tiny one by typing its spec.
+            expect(page.locator("#data-summary")).to_contain_text("shapes (balanced)", timeout=90_000)
+            if not docs_mode:
+                box = page.locator("#preset input")
+                box.click()
+                box.fill(TINY)
+                box.press("Enter")
+                expect(page.locator("#data-summary")).to_contain_text("24 images")
+            expect(page.locator("#data-warnings")).to_contain_text("balanced")
+            expect(page.locator("#data-gallery img").first).to_be_visible()
+            shot(page, "data")
+
+            # Train & compare: tiny settings, both arms.
+            page.get_by_role("tab", name="2 · Train & compare").click()
+            settings = {"#epochs": "4", "#image-size": "64"} if docs_mode else {"#epochs": "2", "#image-size": "32"}
+            for selector, value in settings.items():
+                field = page.locator(f"{selector} input[type=number]")
+                field.fill(value)
+                field.press("Enter")
+            budget = page.locator("#budget input")
+            budget.fill("0")
+            budget.press("Tab")
+            expect(page.locator("#scratch input[type=checkbox]")).to_be_checked()
+            for _ in range(2 if docs_mode else 1):  # docs: a second run, so one-time caches do not skew timings
+                page.click("#train-btn")
+                expect(page.locator("#train-status")).not_to_contain_text("Done", timeout=30_000)
+                expect(page.locator("#train-log textarea")).to_have_value(re.compile("pretrained epoch"),
+                                                                          timeout=120_000)
+                expect(page.locator("#train-status")).to_contain_text("Done", timeout=240_000)
+            table = page.locator("#results-table")
+            expect(table).to_contain_text("validation accuracy")
+            expect(table).to_contain_text("pretrained (frozen backbone + new head)")
+            expect(table).to_contain_text("from scratch (same network)")
+            expect(page.locator("#curves [data-testid=matplotlib] img")).to_be_visible()
+            expect(page.locator("#confusion [data-testid=matplotlib] img")).to_be_visible()
+            expect(page.locator("#verdicts")).to_contain_text("Verdicts")
+            expect(page.locator("#train-btn")).to_be_enabled()
+            page.mouse.move(0, 0)
+            time.sleep(0.5)
+            shot(page, "compare", clip_to="#confusion")
+            shot(page, "train_full", keep=False)
+
+            # Predict: upload an image, see a label from the exported ONNX model.
+            page.get_by_role("tab", name="3 · Predict").click()
+            image = tmp_path / "square.png"
+            make_shape_image("square", seed=123, index=0, image_size=64).save(image)
+            page.locator("#predict-image input[type=file]").set_input_files(str(image))
+            expect(page.locator("#predict-info")).to_contain_text("ExecutionProvider")
+            label_text = page.locator("#predict-label").inner_text()
+            assert any(c in label_text for c in ("circle", "square", "triangle")), label_text
+            expect(page.locator("#predict-info")).to_contain_text(" ms")
+            shot(page, "predict")
+
+            # Export: download model.onnx and run it with onnxruntime.
+            page.get_by_role("tab", name="4 · Export").click()
+            expect(page.locator("#dl-onnx")).to_be_visible()
+            expect(page.locator("#parity")).to_contain_text("passed")
+            with page.expect_download() as download_info:
+                page.click("#dl-onnx")
+            downloaded = tmp_path / "downloaded.onnx"
+            download_info.value.save_as(downloaded)
+            shot(page, "export")
+
+            # Benchmark tab (only rendered; timing it is covered by the unit tests).
+            page.get_by_role("tab", name="5 · Benchmark").click()
+            expect(page.locator("#bench-btn")).to_be_visible()
+            if docs_mode:
+                page.click("#bench-btn")
+                expect(page.locator("#bench-table")).to_contain_text("onnxruntime FP32", timeout=180_000)
+            shot(page, "benchmark")
+        finally:
+            browser.close()
+
+    session = ort.InferenceSession(str(downloaded), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["classes"] == '["circle", "square", "triangle"]'
+    size = int(meta["image_size"])
+    batch = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    probs = session.run(["probabilities"], {"image": batch})[0]
+    assert probs.shape == (2, 3) and np.allclose(probs.sum(1), 1.0, atol=1e-4)
+    for name in ("data", "compare", "predict", "export", "benchmark"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000
