@@ -40,6 +40,7 @@ import models
 from core import diagnostics, plots
 from core.data import Dataset, DatasetError, load_dataset
 from core.device import describe_device, resolve_device
+from core.features import warm_up_feature_engine
 from core.images import open_rgb
 from core.safezip import UnsafeArchiveError, safe_extract
 from core.samples import SampleError, is_sample_spec, parse_sample_spec
@@ -372,8 +373,10 @@ def _device_choices() -> list[tuple[str, str]]:
 
 
 def _default_image_size() -> int:
-    """A size that trains both arms in about a minute on a CPU; the backbone's own size on a GPU."""
-    return 224 if resolve_device("auto").type == "cuda" else 64
+    """The training core's default: the backbone's own size on a GPU, 160 px on a CPU."""
+    from core.train import TrainConfig
+
+    return TrainConfig().resolved_image_size(resolve_device("auto"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1259,7 +1262,7 @@ def build_app(session_root_dir: str | os.PathLike[str] | None = None, *, concurr
                                                elem_id="backbone")
                         epochs = gr.Slider(1, 50, value=10, step=1, label="Epochs (cap for each arm)",
                                            elem_id="epochs")
-                        budget = gr.Number(value=45, minimum=0, label="Time budget per arm (seconds, 0 = none)",
+                        budget = gr.Number(value=60, minimum=0, label="Time budget per arm (seconds, 0 = none)",
                                            elem_id="budget")
                         image_size_in = gr.Slider(32, 320, value=image_size, step=8, label="Image size (pixels)",
                                                   info="smaller trains faster; 224 is the backbone's native size",
@@ -1431,6 +1434,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = configure(args.session_root)
+    # Build the default backbone's cached ONNX feature engine while the first visitor looks at the Data tab.
+    threading.Thread(target=warm_up_feature_engine, daemon=True,
+                     args=(models.DEFAULT_BACKBONE, _default_image_size(), resolve_device("auto"))).start()
     demo = build_app(root, concurrency=args.concurrency)
     demo.queue(max_size=64, default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=args.max_file_size,

@@ -87,3 +87,11 @@ def extract_all(
         if on_batch is not None:
             on_batch(min(start + batch_size, len(images)), len(images))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def warm_up_feature_engine(backbone: str, image_size: int, device: torch.device) -> None:
+    """Build (and cache) the feature engine ahead of the first training run; failures are only logged."""
+    try:
+        make_feature_extractor(backbone, image_size, device)
+    except Exception as exc:  # noqa: BLE001 - a warm-up must never take the app down
+        log.warning("feature engine warm-up failed: %s", exc)

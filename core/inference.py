@@ -328,6 +328,9 @@ def create_session(path: Path, device: str = "auto", *, intra_op_threads: int | 
     if threads < 1:
         raise ValueError(f"intra_op_threads must be >= 1, got {intra_op_threads!r}.")
     options.intra_op_num_threads = threads
+    # Idle worker threads sleep instead of spinning: this process also trains with torch and serves other
+    # sessions, and spinning threads would take those cores away between calls.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = _open_session(path, [_provider_options(p) for p in providers], options)
     message = _fallback_message(device, available, session.get_providers()[0])
     if message:
