@@ -44,6 +44,9 @@ from core.features import warm_up_feature_engine
 from core.images import open_rgb
 from core.safezip import UnsafeArchiveError, safe_extract
 from core.samples import SampleError, is_sample_spec, parse_sample_spec
+from core.summary import ARM_TITLES, comparison_rows
+from core.summary import pct as _pct
+from core.summary import sec as _sec
 
 log = logging.getLogger("transfer_lab.app")
 
@@ -72,7 +75,6 @@ SESSION_CLOSED_GRACE_S = 15 * 60
 RUNS_KEPT_PER_SESSION = 3
 _SID_RE = re.compile(r"^[0-9a-f]{16}$")
 
-ARM_TITLES = {"pretrained": "pretrained (frozen backbone + new head)", "scratch": "from scratch (same network)"}
 TRAINED_MODELS = {  # model-choice key -> (file name in the run folder, label)
     "run:fp32": ("model.onnx", "trained in this session: FP32 (model.onnx)"),
     "run:int8": ("model.int8.onnx", "trained in this session: INT8 (model.int8.onnx)"),
@@ -321,16 +323,6 @@ def _figure(make: Callable[..., Any], *args, **kwargs):
         fig = make(*args, **kwargs)
         plt.close(fig)
     return fig
-
-
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{v:.1%}"
-
-
-def _sec(v: float | None, never: str = "never") -> str:
-    if v is None:
-        return never
-    return f"{v:.1f} s" if v < 120 else f"{v / 60:.1f} min"
 
 
 def _thumb(path: Path, size: int = 112) -> Image.Image:
@@ -715,33 +707,10 @@ def _speedup_text(report: dict) -> str:
 
 
 def results_table(report: dict) -> pd.DataFrame:
-    runs = report["runs"]
-    target = report["target_accuracy"]
-    rows = [
-        ("validation accuracy", "val_accuracy", _pct),
-        ("balanced accuracy", "balanced_accuracy", _pct),
-        ("precision (macro)", "precision_macro", _pct),
-        ("recall (macro)", "recall_macro", _pct),
-        ("F1 (macro)", "f1_macro", _pct),
-        ("training time", "train_seconds", _sec),
-        (f"time to {target:.0%}", "time_to_target_seconds", _sec),
-    ]
-    sp = report.get("speedup_time_to_target")
-
-    def speed(arm: str) -> str:
-        if "scratch" not in runs or sp is None:
-            return "–"
-        if arm == "scratch":
-            return "1× (reference)"
-        return f"≥ {sp['lower_bound']:.1f}× sooner" if isinstance(sp, dict) else f"{sp:.1f}× sooner"
-
-    table = {"metric": [r[0] for r in rows] + ["speed-up to target", "best epoch / epochs run", "verdict"]}
-    for arm, run in runs.items():
-        col = [fmt(run.get(key)) for _, key, fmt in rows]
-        col.append(speed(arm))
-        col.append(f"{run.get('best_epoch')} / {run.get('epochs_run', len(run.get('history', [])))}")
-        col.append(run["verdict"]["label"])
-        table[ARM_TITLES.get(arm, arm)] = col
+    rows = comparison_rows(report)
+    table = {"metric": [label for label, _ in rows]}
+    for arm in report["runs"]:
+        table[ARM_TITLES.get(arm, arm)] = [values[arm] for _, values in rows]
     return pd.DataFrame(table)
 
 

@@ -266,22 +266,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def summary_text(report: dict) -> str:
     """The comparison as a short text table plus verdicts and flagged diagnostics."""
+    from core.summary import comparison_rows
+
     runs = report["runs"]
-    rows = [("", *runs.keys())]
-
-    def pct(v):
-        return "-" if v is None else f"{v:.1%}"
-
-    def sec(v):
-        return "never" if v is None else f"{v:.1f}s"
-
-    for key, label, fmt in [("val_accuracy", "val accuracy", pct), ("balanced_accuracy", "balanced accuracy", pct),
-                            ("precision_macro", "precision (macro)", pct), ("recall_macro", "recall (macro)", pct),
-                            ("f1_macro", "F1 (macro)", pct), ("train_seconds", "training time", sec),
-                            ("time_to_target_seconds", f"time to {report['target_accuracy']:.0%}", sec),
-                            ("best_epoch", "best epoch", str)]:
-        rows.append((label, *(fmt(r[key]) for r in runs.values())))
-    rows.append(("verdict", *(r["verdict"]["label"] for r in runs.values())))
+    rows = [("", *runs)] + [(label, *values.values()) for label, values in comparison_rows(report)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     sp = report.get("speedup_time_to_target")

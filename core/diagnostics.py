@@ -28,6 +28,9 @@ class Thresholds:
     # validation set is not read as a trend), at least 2 epochs later, while train loss kept falling.
     val_loss_rise: float = 0.20
     val_loss_rise_abs: float = 0.05
+    # ...and it only counts when validation accuracy also fell this far below its best: a head that grows more
+    # confident on a validation set it already gets right raises the loss without generalising any worse.
+    val_accuracy_drop: float = 0.02
     max_pairs: int = 50  # pairs listed as evidence (all are counted)
 
 
@@ -140,13 +143,16 @@ def overfitting(history: list[dict], t: Thresholds = DEFAULT) -> dict:
         and last["val_loss"] - best["val_loss"] > t.val_loss_rise_abs
         and last["train_loss"] < best["train_loss"]
     )
+    best_acc = max(h["val_accuracy"] for h in history)
+    degraded = best_acc - last["val_accuracy"] >= t.val_accuracy_drop
     reasons = []
     if gap > t.overfit_gap:
         reasons.append(f"train accuracy {last['train_accuracy']:.1%} vs validation {last['val_accuracy']:.1%} "
                        f"(gap {gap:.1%})")
-    if rising:
+    if rising and degraded:
         reasons.append(f"validation loss rose from {best['val_loss']:.3f} (epoch {best['epoch']}) to "
-                       f"{last['val_loss']:.3f} while training loss kept falling")
+                       f"{last['val_loss']:.3f} while training loss kept falling, and validation accuracy fell from "
+                       f"{best_acc:.1%} to {last['val_accuracy']:.1%}")
     flagged = bool(reasons)
     message = (
         "Overfitting: " + "; ".join(reasons) + ". The best epoch is kept; more data, augmentation or fewer epochs help."
@@ -155,6 +161,7 @@ def overfitting(history: list[dict], t: Thresholds = DEFAULT) -> dict:
     )
     return {"flagged": flagged, "accuracy_gap": gap, "best_val_loss_epoch": best["epoch"],
             "best_val_loss": best["val_loss"], "final_val_loss": last["val_loss"], "val_loss_rising": rising,
+            "best_val_accuracy": best_acc, "final_val_accuracy": last["val_accuracy"],
             "message": message}
 
 

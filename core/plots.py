@@ -10,8 +10,9 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
-ARM_STYLE = {"pretrained": ("#1f77b4", "pretrained (frozen backbone + new head)"),
-             "scratch": ("#d62728", "from scratch (same network)")}
+from .summary import ARM_TITLES  # noqa: E402
+
+ARM_STYLE = {arm: (color, ARM_TITLES[arm]) for arm, color in (("pretrained", "#1f77b4"), ("scratch", "#d62728"))}
 
 
 def learning_curves(runs: dict[str, dict], target: float | None = None) -> Figure:

@@ -26,7 +26,7 @@ from models.preprocess import ImageClassifier, ImagePreprocess
 TRAINING_MODES = ("pretrained", "scratch")
 DEFAULT_OPSET = 18
 PARITY_RANDOM_IMAGES = 4
-PARITY_MAX_IMAGES = 32
+PARITY_MAX_IMAGES = 1000  # the whole validation split of any dataset this tool is meant for
 
 
 class ExportError(RuntimeError):

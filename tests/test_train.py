@@ -207,3 +207,16 @@ def test_eval_pixels_match_the_export_rule(tiny_result):
     first = tiny_result.val.files[0]
     expected = to_array(open_rgb(first), 32, spec.resize_for(32), spec.interpolation)
     np.testing.assert_array_equal(tiny_result.val.crops[0], expected)
+
+
+def test_overfitting_val_loss_rule():
+    def hist(val_losses, val_accs):
+        return [{"epoch": e + 1, "train_loss": 1.0 / (e + 1), "train_accuracy": 0.9, "val_loss": loss,
+                 "val_accuracy": acc} for e, (loss, acc) in enumerate(zip(val_losses, val_accs))]
+
+    losses = [0.5, 0.3, 0.35, 0.45, 0.6]
+    worse = diagnostics.overfitting(hist(losses, [0.7, 0.85, 0.84, 0.8, 0.78]))
+    assert worse["flagged"] and worse["val_loss_rising"] and "validation loss rose" in worse["message"]
+    # Loss drifts up while every validation image stays right: more confidence, not worse generalisation.
+    confident = diagnostics.overfitting(hist(losses, [0.9, 1.0, 1.0, 1.0, 1.0]))
+    assert confident["val_loss_rising"] and not confident["flagged"]
