@@ -13,11 +13,11 @@ import zipfile
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 import pytest
 from PIL import Image
 
 import app
+from tests.helpers import colour_zip
 
 TINY = "sample:shapes?per_class=8&size=32"
 FAST = dict(backbone="efficientnet_lite0", epochs=1, budget=None, image_size=32, target=0.85, device="cpu",
@@ -42,21 +42,6 @@ def run_train(state, **overrides):
 
 def data_out(values):
     return dict(zip(app.DATA_OUTPUTS, values))
-
-
-def two_class_zip(path: Path, per_class: int = 8, size: int = 32) -> Path:
-    """A zip with two class folders of noisy reddish and bluish images (plus a non-image to skip)."""
-    rng = np.random.default_rng(0)
-    with zipfile.ZipFile(path, "w") as zf:
-        for cls, channel in (("red", 0), ("blue", 2)):
-            for i in range(per_class):
-                arr = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
-                arr[..., channel] = rng.integers(150, 256, (size, size), dtype=np.uint8)
-                buf = io.BytesIO()
-                Image.fromarray(arr).save(buf, format="PNG")
-                zf.writestr(f"colours/{cls}/{cls}_{i:02d}.png", buf.getvalue())
-        zf.writestr("colours/red/notes.txt", "not an image")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +179,7 @@ def test_bad_uploads_raise_clear_errors(app_root, tmp_path):
     assert "refused" in msg and ".." in msg
 
     def corrupt(p):
-        data = bytearray(two_class_zip(tmp_path / "good.zip").read_bytes())
+        data = bytearray(colour_zip(tmp_path / "good.zip", folder="colours", with_non_image=True).read_bytes())
         p.write_bytes(bytes(data[: len(data) // 2]))
     msg = _zip_error(tmp_path, corrupt)
     assert "zip" in msg.lower()
@@ -265,7 +250,7 @@ def test_cancel_stops_training(app_root, trained):
 
 @pytest.fixture(scope="module")
 def two_class(app_root, tmp_path_factory):
-    path = two_class_zip(tmp_path_factory.mktemp("zip") / "colours.zip")
+    path = colour_zip(tmp_path_factory.mktemp("zip") / "colours.zip", folder="colours", with_non_image=True)
     loaded = data_out(app.load_zip(str(path), app.new_session()))
     final, _ = run_train(loaded["state"], scratch=False)
     return loaded, final

@@ -11,15 +11,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers import start_app, stop_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -33,48 +31,6 @@ pytestmark = [
                        reason=f"{CHROMIUM} not found: install Debian's Chromium with `apt-get install -y chromium` "
                               "(.ci/run does this); Playwright's own browser download is not used"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_app(tmp: Path, cache: Path, timeout: float = 120.0) -> tuple[subprocess.Popen, str, Path]:
-    """``python app.py`` on a free localhost port; returns (process, url, session root)."""
-    port = free_port()
-    root = tmp / "sessions"
-    log = open(tmp / "app.log", "w")  # noqa: SIM115 - closed with the process
-    env = {**os.environ, "TRANSFER_LAB_CACHE": str(cache), "GRADIO_ANALYTICS_ENABLED": "False",
-           "PYTHONUNBUFFERED": "1"}
-    env.pop("SPACE_ID", None)
-    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--session-root", str(root)],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    proc.log_file = log
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited with {proc.returncode}:\n{(tmp / 'app.log').read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return proc, url, root
-        except OSError:
-            time.sleep(0.5)
-    stop_app(proc)
-    raise RuntimeError(f"app did not answer on {url} within {timeout:.0f} s:\n{(tmp / 'app.log').read_text()[-3000:]}")
-
-
-def stop_app(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    proc.log_file.close()
 
 
 @pytest.fixture(scope="module")

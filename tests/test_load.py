@@ -7,21 +7,15 @@ answered, and no answer may come from another session's model.
 
 from __future__ import annotations
 
-import io
-import os
 import random
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
+
+from tests.helpers import colour_zip, start_app, stop_app
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "sample:shapes?per_class=8&size=32"
@@ -34,54 +28,14 @@ BOTH_ARMS = ("efficientnet_lite0", 3, 0, 32, 0.85, "cpu", True, 0)
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, _session_cache):
     """``python app.py`` on a free localhost port."""
-    tmp = tmp_path_factory.mktemp("load-app")
-    port = free_port()
-    env = {**os.environ, "TRANSFER_LAB_CACHE": str(_session_cache), "GRADIO_ANALYTICS_ENABLED": "False"}
-    env.pop("SPACE_ID", None)
-    with open(tmp / "app.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--session-root",
-                                 str(tmp / "sessions")], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}/"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                assert proc.poll() is None, (tmp / "app.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "app did not start:\n" + (tmp / "app.log").read_text()[-3000:]
-                try:
-                    with urllib.request.urlopen(url, timeout=2):
-                        break
-                except OSError:
-                    time.sleep(0.5)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def colour_zip(path: Path, per_class: int = 8, size: int = 32) -> Path:
-    rng = np.random.default_rng(1)
-    with zipfile.ZipFile(path, "w") as zf:
-        for cls, channel in (("red", 0), ("blue", 2)):
-            for i in range(per_class):
-                arr = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
-                arr[..., channel] = rng.integers(150, 256, (size, size), dtype=np.uint8)
-                buf = io.BytesIO()
-                Image.fromarray(arr).save(buf, format="PNG")
-                zf.writestr(f"{cls}/{i:02d}.png", buf.getvalue())
-    return path
+    proc, url, _root = start_app(tmp_path_factory.mktemp("load-app"), _session_cache)
+    try:
+        yield url
+    finally:
+        stop_app(proc)
 
 
 def test_concurrent_predictions_stay_in_their_session_while_training(server, tmp_path):
@@ -96,7 +50,7 @@ def test_concurrent_predictions_stay_in_their_session_while_training(server, tmp
 
     # Two sessions with different models and classes.
     shapes.predict(TINY, api_name="/load_sample")
-    colours.predict(handle_file(str(colour_zip(tmp_path / "colours.zip"))), api_name="/load_zip")
+    colours.predict(handle_file(str(colour_zip(tmp_path / "colours.zip", seed=1))), api_name="/load_zip")
     for c in (shapes, colours):
         out = c.predict(*QUICK, api_name="/train")
         assert "Done" in out[0], out[0]  # the status is the first output the API returns
