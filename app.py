@@ -42,6 +42,7 @@ from core.data import Dataset, DatasetError, load_dataset
 from core.device import describe_device, resolve_device
 from core.features import warm_up_feature_engine
 from core.images import open_rgb
+from core.metrics import misclassified
 from core.safezip import UnsafeArchiveError, safe_extract
 from core.samples import SampleError, is_sample_spec, parse_sample_spec
 from core.summary import ARM_TITLES, comparison_rows
@@ -764,9 +765,7 @@ def _mistakes(result, classes: list[str], limit: int = 24) -> list[tuple]:
     for arm, run in result.runs.items():
         probs = np.asarray(run.val_probabilities)
         pred = probs.argmax(1)
-        wrong = np.nonzero(pred != labels)[0]
-        wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:limit]  # most confident first
-        for i in wrong:
+        for i in misclassified(labels, probs, limit):
             caption = f"{arm}: {classes[labels[i]]} → {classes[pred[i]]} {probs[i, pred[i]]:.0%}"
             items.append((np.ascontiguousarray(result.val.crops[i]), caption))
     return items

@@ -83,3 +83,12 @@ def binary_threshold_metrics(y_true, positive_prob, threshold: float, classes: l
         raise ValueError(f"A decision threshold needs exactly 2 classes, got {len(classes)}.")
     y_pred = np.where(np.asarray(positive_prob) >= threshold, positive, 1 - positive)
     return classification_metrics(y_true, y_pred, classes)
+
+
+def misclassified(y_true, probabilities, limit: int | None = None) -> list[int]:
+    """Indices of wrong predictions, the most confidently wrong first (stable for ties)."""
+    y_true, probabilities = np.asarray(y_true), np.asarray(probabilities)
+    pred = probabilities.argmax(1)
+    wrong = np.nonzero(pred != y_true)[0]
+    order = wrong[np.argsort(-probabilities[wrong, pred[wrong]], kind="stable")]
+    return [int(i) for i in order[:limit]]

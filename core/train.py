@@ -32,7 +32,7 @@ from .data import Dataset
 from .device import resolve_device
 from .features import extract_all, make_feature_extractor
 from .images import open_rgb
-from .metrics import classification_metrics, verdict
+from .metrics import classification_metrics, misclassified, verdict
 from .preprocess import center_crop, resize_shorter
 
 ARMS = ("pretrained", "scratch")
@@ -367,8 +367,12 @@ def time_to_target(history: list[dict], target: float) -> float | None:
 def summarize_run(result: RunResult, classes: list[str], val: PreparedImages, test: PreparedImages | None,
                   target: float) -> dict:
     metrics = classification_metrics(val.labels, result.val_probabilities.argmax(1), classes)
+    probs = result.val_probabilities
+    wrong = [{"file": val.files[i], "true": classes[val.labels[i]], "predicted": classes[int(probs[i].argmax())],
+              "probability": float(probs[i].max())} for i in misclassified(val.labels, probs, limit=50)]
     run = {
         **metrics,
+        "misclassified": wrong,  # validation images, the most confidently wrong first (at most 50)
         "train_seconds": result.train_seconds,
         "time_to_target_seconds": time_to_target(result.history, target),
         "best_epoch": result.best_epoch,

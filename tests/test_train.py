@@ -47,7 +47,8 @@ def test_report_has_the_documented_schema(tiny_result, tmp_path):
     for arm in ("pretrained", "scratch"):
         run = report["runs"][arm]
         for key in ("val_accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "per_class",
-                    "confusion_matrix", "train_seconds", "time_to_target_seconds", "best_epoch", "verdict", "history"):
+                    "confusion_matrix", "train_seconds", "time_to_target_seconds", "best_epoch", "verdict", "history",
+                    "misclassified"):
             assert key in run, (arm, key)
         assert set(run["per_class"]["circle"]) == {"precision", "recall", "f1", "support"}
         assert run["verdict"]["label"] in {"good", "fair", "poor"} and run["verdict"]["reasons"]
@@ -220,3 +221,11 @@ def test_overfitting_val_loss_rule():
     # Loss drifts up while every validation image stays right: more confidence, not worse generalisation.
     confident = diagnostics.overfitting(hist(losses, [0.9, 1.0, 1.0, 1.0, 1.0]))
     assert confident["val_loss_rising"] and not confident["flagged"]
+
+
+def test_misclassified_most_confident_first():
+    from core.metrics import misclassified
+
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.05, 0.95]])
+    assert misclassified([0, 0, 0, 1], probs) == [1, 2]
+    assert misclassified([0, 0, 0, 1], probs, limit=1) == [1]
