@@ -1068,7 +1068,8 @@ def _as_pil(image: Any) -> Image.Image:
 
 
 BENCH_REPEATS, BENCH_WARMUP = 10, 2  # median of interleaved runs; tests lower these
-ENGINE_TITLES = {"torch": "PyTorch eager", "onnx_fp32": "onnxruntime FP32", "onnx_int8": "onnxruntime INT8"}
+ENGINE_TITLES = {"torch": "PyTorch eager", "torch_nchw": "PyTorch eager (NCHW float input)",
+                 "onnx_fp32": "onnxruntime FP32", "onnx_int8": "onnxruntime INT8"}
 
 
 def benchmark(state: dict | None, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008

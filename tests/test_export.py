@@ -284,7 +284,20 @@ def test_benchmark_reports_ratios(exported, tmp_path):
     for batch in (1, 2):
         row = results["batches"][batch]
         assert row["torch"]["ms"] > 0 and row["onnx_fp32"]["images_per_s"] > 0
-        assert row["ratios"]["onnx_fp32_vs_torch"] > 0
+        assert row["ratios"]["onnx_fp32_vs_torch"] > 0 and row["ratios"]["onnx_fp32_vs_torch_nchw"] > 0
+        assert row["torch_nchw"]["ms"] > 0
         assert "onnx_int8" not in row
     skipped = benchmark(path, batch_sizes=(1,), repeats=1, warmup=0, run_dir=tmp_path, threads=1, print_table=False)
     assert "report.json not found" in skipped["torch_skipped"] and "torch" not in skipped["batches"][1]
+
+
+def test_both_torch_baselines_compute_the_same_probabilities(exported):
+    from export.bench import _torch_runner
+
+    run, run_nchw, restore = _torch_runner(exported[1], 1)
+    try:
+        batch = make_images(2)
+        _, probabilities = run(batch)
+        torch.testing.assert_close(run_nchw(batch), probabilities, atol=1e-5, rtol=1e-5)
+    finally:
+        restore()
