@@ -28,6 +28,7 @@ def learning_curves(runs: dict[str, dict], target: float | None = None) -> Figur
     if target is not None:
         ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.0%}")
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=0)
     ax.set_xlabel("wall-clock seconds since the run started (log scale)")
     ax.set_ylabel("validation accuracy")
     ax.set_ylim(0, 1.02)
