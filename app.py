@@ -98,13 +98,9 @@ CSS = """
 .small-note {font-size: 0.85em; opacity: 0.8}
 """
 
+# Errors caused by what the visitor gave us, shown as their message (ModelFormatError is a ValueError).
 USER_ERRORS: tuple[type[BaseException], ...] = (DatasetError, UnsafeArchiveError, SampleError, ValueError,
                                                 models.BackboneWeightsError, FileNotFoundError)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by what the visitor gave us, shown as their message (ModelFormatError is a ValueError)."""
-    return USER_ERRORS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -417,7 +413,7 @@ def _dataset_views(ds: Dataset, label: str) -> tuple:
 def _load(state: dict, label: str, loader: Callable[[], Dataset]) -> tuple:
     try:
         ds = loader()
-    except _user_errors() as exc:
+    except USER_ERRORS as exc:
         raise gr.Error(_clean(exc, state), title="Cannot use this dataset") from None
     state["dataset"], state["source"] = ds, label
     summary, fig, gallery, skipped, warnings = _dataset_views(ds, label)
@@ -576,7 +572,7 @@ def train(state: dict | None, backbone: str, epochs: float, budget: float | None
         raise gr.Error("Load a dataset first (Data tab): pick a sample or upload a .zip.", title="No data")
     try:
         cfg = make_config(backbone, epochs, budget, image_size, target, device, scratch, seed)
-    except _user_errors() as exc:
+    except USER_ERRORS as exc:
         raise gr.Error(str(exc), title="Invalid setting") from None
     cancel: threading.Event = state["cancel"]
     if cancel.is_set():
@@ -660,7 +656,7 @@ def train(state: dict | None, backbone: str, epochs: float, budget: float | None
         return
     if error is not None:
         shutil.rmtree(run_dir, ignore_errors=True)
-        if isinstance(error, _user_errors()):
+        if isinstance(error, USER_ERRORS):
             raise gr.Error(_clean(error, state), title="Training failed") from None
         log.error("training failed", exc_info=error)
         raise gr.Error(f"Training failed unexpectedly ({type(error).__name__}: {_clean(error, state)}). "
@@ -1085,7 +1081,7 @@ def benchmark(state: dict | None, progress: gr.Progress = gr.Progress()) -> tupl
         try:
             result = run_benchmark(path, batch_sizes=(1, 16), run_dir=path.parent, repeats=BENCH_REPEATS,
                                    warmup=BENCH_WARMUP, print_table=False)
-        except _user_errors() as exc:
+        except USER_ERRORS as exc:
             raise gr.Error(_clean(exc, state), title="Benchmark failed") from None
     table = benchmark_table(result)
     fig = _figure(_bench_figure, table) if len(table) else None

@@ -146,7 +146,7 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
                        "scratch, side by side", description="Pretrained (frozen backbone + new head) vs from "
                        "scratch on the same split; writes report.json, manifest.csv, plots and models.")
     _add_training_arguments(p)
-    p.set_defaults(func=cmd_compare, arms=None)
+    p.set_defaults(func=cmd_compare)
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -311,15 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Input errors from every layer, imported lazily so `datasets` stays fast to start."""
-    errors = list(USER_ERRORS)
-    if sys.modules.get("models") is not None:
-        errors.append(sys.modules["models"].BackboneWeightsError)
-    if sys.modules.get("core.inference") is not None:
-        errors.append(sys.modules["core.inference"].ModelFormatError)
-    if sys.modules.get("core.device") is not None:
-        errors.append(sys.modules["core.device"].DeviceError)
-    return tuple(errors)
+    """Input errors from every layer (DeviceError, ModelFormatError ... are ValueErrors), without importing
+    torch just to name them, so `datasets` stays fast to start."""
+    models = sys.modules.get("models")  # its only non-ValueError input error: weights missing offline
+    return USER_ERRORS + ((models.BackboneWeightsError,) if models is not None else ())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -482,6 +482,7 @@ class OnnxFeatureExtractor(_Runner):
         _check_signature(self._session, self.info)
         self.backbone = backbone_name
         self.image_size = image_size
+        self.engine = f"onnxruntime-{self.provider}"  # the name core.features.FeatureExtractor reports
         self._warm_up(image_size)
 
     def extract(self, images: np.ndarray) -> np.ndarray:

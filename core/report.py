@@ -7,7 +7,6 @@ set of files behind, and never destroys an earlier run's artifacts.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -19,8 +18,6 @@ import torch
 from . import plots
 from .atomic import write_json_atomic
 from .train import CompareResult
-
-log = logging.getLogger(__name__)
 
 REPORT = "report.json"
 MANIFEST = "manifest.csv"
@@ -62,7 +59,8 @@ def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool
 
 
 def _export(result: CompareResult, staging: Path) -> dict:
-    """ONNX export of the pretrained arm (verified against PyTorch); errors are reported, not fatal to the run."""
+    """ONNX export of the pretrained arm, verified against PyTorch: a failed parity check raises, so the run's
+    files are not moved into place (the folder keeps its earlier artifacts)."""
     try:
         from export.onnx_export import export_run
     except ImportError as exc:  # pragma: no cover - export/ ships with the project

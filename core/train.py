@@ -253,8 +253,7 @@ def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages
     model.head.load_state_dict(best_state)
     model.freeze_backbone()
     return RunResult("pretrained", model.eval(), history, best["epoch"], train_seconds, val_prob, test_prob,
-                     extra={"feature_engine": getattr(extractor, "engine", None)
-                            or f"onnxruntime-{getattr(extractor, 'provider', '?')}", "feature_seconds": feature_seconds,
+                     extra={"feature_engine": extractor.engine, "feature_seconds": feature_seconds,
                             "feature_engine_setup_seconds": setup_seconds,
                             "features": {"train": feats[0].numpy(), "other": torch.cat(feats[len(views):]).numpy()}})
 

@@ -19,6 +19,7 @@ from torch import nn
 
 import models
 from core.atomic import atomic_write, write_json_atomic  # noqa: F401  (re-exported)
+from core.data import cache_dir
 from core.inference import FEATURES_OUTPUT, FORMAT, INPUT_NAME, OUTPUT_NAMES, ModelFormatError, read_model_info
 from export.verify import ParityError, check_parity, compare_outputs, cpu_session, run_onnx, torch_outputs
 from models.preprocess import ImageClassifier, ImagePreprocess
@@ -195,19 +196,10 @@ def export_backbone(backbone_name: str, image_size: int, path: str | os.PathLike
     return Path(path)
 
 
-def _cache_dir() -> Path:
-    try:
-        from core.data import cache_dir
-    except ImportError:
-        env = os.environ.get("TRANSFER_LAB_CACHE")
-        return Path(env).expanduser() if env else Path.home() / ".cache" / "transfer-lab"
-    return cache_dir()
-
-
 def cached_backbone_onnx(backbone_name: str, image_size: int) -> Path:
     """The backbone's feature graph under ``<cache>/onnx/<backbone>-<size>.onnx``, exported on first use."""
     models.get_backbone_spec(backbone_name)  # unknown names fail here, with suggestions
-    path = _cache_dir() / "onnx" / f"{backbone_name}-{image_size}.onnx"
+    path = cache_dir() / "onnx" / f"{backbone_name}-{image_size}.onnx"
     if path.exists():
         try:
             info = read_model_info(path)
