@@ -42,12 +42,14 @@ from core.data import Dataset, DatasetError, load_dataset
 from core.device import describe_device, resolve_device
 from core.features import warm_up_feature_engine
 from core.images import open_rgb
+from core.inference import PredictorCache, check_model_file
 from core.metrics import misclassified
 from core.safezip import UnsafeArchiveError, safe_extract
 from core.samples import SampleError, is_sample_spec, parse_sample_spec
 from core.summary import ARM_TITLES, comparison_rows
 from core.summary import pct as _pct
 from core.summary import sec as _sec
+from export.triton import write_triton_zip
 
 log = logging.getLogger("transfer_lab.app")
 
@@ -246,64 +248,13 @@ def _clean(message: str, state: dict | None = None) -> str:
 # Shared predictors: one onnxruntime session per model file, shared by every request
 # ---------------------------------------------------------------------------------------------------------------
 
-
-class PredictorCache:
-    """Thread-safe LRU of ``core.inference.Predictor`` keyed by (path, mtime, size)."""
-
-    def __init__(self, capacity: int = 16):
-        self.capacity = capacity
-        self._lock = threading.Lock()
-        self._items: OrderedDict[tuple, Any] = OrderedDict()
-        self._building: dict[tuple, threading.Lock] = {}
-        self.loads = 0  # how many Predictors were built (for tests)
-
-    @staticmethod
-    def _key(path: Path) -> tuple:
-        st = path.stat()
-        return str(path.resolve()), st.st_mtime_ns, st.st_size
-
-    def get(self, path: str | os.PathLike[str]):
-        from core.inference import Predictor
-
-        path = Path(path)
-        key = self._key(path)
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            build_lock = self._building.setdefault(key, threading.Lock())
-        with build_lock:  # one build per file, other files are not blocked
-            with self._lock:
-                if key in self._items:
-                    return self._items[key]
-            predictor = Predictor(path, device=_inference_device())
-            with self._lock:
-                self.loads += 1
-                # a file rewritten in place gets a new key: drop older entries for the same path
-                for old in [k for k in self._items if k[0] == key[0]]:
-                    del self._items[old]
-                self._items[key] = predictor
-                while len(self._items) > self.capacity:
-                    self._items.popitem(last=False)
-                self._building.pop(key, None)
-            return predictor
-
-    def evict_under(self, folder: Path) -> None:
-        prefix = str(Path(folder).resolve()) + os.sep
-        with self._lock:
-            for key in [k for k in self._items if k[0].startswith(prefix)]:
-                del self._items[key]
-
-    def __len__(self) -> int:
-        return len(self._items)
+def _inference_device() -> str:
+    """"auto" where a CUDA GPU is visible; else "cpu", so a GPU build of onnxruntime does not warn on every load."""
+    return "auto" if resolve_device("auto").type == "cuda" else "cpu"
 
 
 PREDICTORS = PredictorCache()
 
-
-def _inference_device() -> str:
-    """"auto" where a CUDA GPU is visible; else "cpu", so a GPU build of onnxruntime does not warn on every load."""
-    return "auto" if resolve_device("auto").type == "cuda" else "cpu"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Small helpers
@@ -451,20 +402,27 @@ def load_zip(file: Any, state: dict | None, request: gr.Request = None) -> tuple
         if f.read(4) != b"PK\x03\x04":
             raise gr.Error(f"{name} is not a .zip file. Zip a folder that holds one sub-folder per class "
                            "(e.g. cats/…, dogs/…) and upload that.", title="Not a zip file")
+    # Each upload unpacks into a new folder; the earlier one is deleted only once this one has loaded, so a
+    # broken zip leaves the session's current dataset as it was.
     data = folder / "data"
-    if state.get("dataset") is not None and str(state["dataset"].root).startswith(str(data)):
-        state["dataset"], state["source"] = None, None  # its files are about to be replaced
-    shutil.rmtree(data, ignore_errors=True)  # one uploaded dataset per session
-    data.mkdir(parents=True)
-    zip_copy = data / "upload.zip"
+    data.mkdir(parents=True, exist_ok=True)
+    target = Path(tempfile.mkdtemp(prefix="upload-", dir=data))
+    zip_copy = target / "upload.zip"
     shutil.copyfile(src, zip_copy)
 
     def loader() -> Dataset:
-        root = safe_extract(zip_copy, data / "files", max_entries=MAX_ZIP_ENTRIES, max_total_bytes=MAX_ZIP_BYTES)
+        root = safe_extract(zip_copy, target / "files", max_entries=MAX_ZIP_ENTRIES, max_total_bytes=MAX_ZIP_BYTES)
         zip_copy.unlink(missing_ok=True)
         return load_dataset(root, cache=folder / "cache")
 
-    out = _load(state, f"upload {name}", loader)
+    try:
+        out = _load(state, f"upload {name}", loader)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    for earlier in data.iterdir():  # one uploaded dataset per session
+        if earlier != target:
+            shutil.rmtree(earlier, ignore_errors=True)
     return out
 
 
@@ -820,22 +778,12 @@ def _export_views(report: dict, run_dir: Path) -> dict[str, Any]:
 
 
 def _triton_zip(model_path: Path, run_dir: Path) -> Path | None:
-    """Zip of a Triton model repository for ``model_path`` (``export.triton``), or None if unavailable."""
+    """The Triton repository zip for the Export tab, or None: an optional extra must not fail the run."""
     try:
-        from export.triton import write_triton_repository
-    except ImportError:
-        return None
-    out = run_dir / "triton_repository"
-    try:
-        shutil.rmtree(out, ignore_errors=True)
-        write_triton_repository(model_path, out, model_name="classifier")
-        archive = shutil.make_archive(str(run_dir / "triton_repository"), "zip", root_dir=out)
-        return Path(archive)
-    except Exception:  # noqa: BLE001 - an optional extra must not fail the run
+        return write_triton_zip(model_path, run_dir / "triton_repository.zip", model_name="classifier")
+    except Exception:  # noqa: BLE001
         log.exception("building the Triton repository failed")
         return None
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
 
 
 def _model_choices(state: dict) -> list[tuple[str, str]]:
@@ -938,42 +886,6 @@ def _model_path(state: dict, choice: str | None) -> Path:
     return path
 
 
-# Checks an uploaded model in a child process: a malformed or hostile file can only crash that process.
-_CHECK_MODEL = r"""
-import json, sys
-import numpy as np
-from core.inference import ModelFormatError, Predictor
-try:
-    p = Predictor(sys.argv[1], device="cpu", intra_op_threads=1)
-    p.predict_arrays(np.zeros((1, p.image_size, p.image_size, 3), np.uint8))
-    i = p.info
-    print(json.dumps({"ok": True, "classes": list(i.classes), "backbone": i.backbone, "image_size": i.image_size,
-                      "variant": i.variant}))
-except (ModelFormatError, ValueError, OSError) as exc:
-    print(json.dumps({"ok": False, "error": str(exc)}))
-"""
-
-
-def check_model_file(path: Path, timeout: float = 90.0) -> dict[str, Any]:
-    """Load ``path`` with a Predictor and run it once in a separate process; ``{"ok", "error" | info}``."""
-    import json
-    import subprocess
-    import sys
-
-    here = str(Path(__file__).resolve().parent)
-    env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    try:
-        proc = subprocess.run([sys.executable, "-c", _CHECK_MODEL, str(path)], capture_output=True, text=True,
-                              timeout=timeout, cwd=here, env=env)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"loading the model took longer than {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"ok": False, "error": f"onnxruntime could not load it (the check process exited with "
-                                      f"{proc.returncode})"}
-    return json.loads(lines[-1])
-
-
 def upload_model(file: Any, state: dict | None) -> tuple:
     """Copy an uploaded .onnx into the session folder and check it loads. Outputs: state, model_choice, info."""
     state = _ensure_state(state)
@@ -1029,7 +941,7 @@ def predict(state: dict | None, model_choice: str | None, image: Any, files: Any
     if not inputs:
         raise gr.Error("Upload an image (or paste one / use the webcam) to classify.", title="No image")
     try:
-        predictor = PREDICTORS.get(path)
+        predictor = PREDICTORS.get(path, _inference_device())
         t0 = time.perf_counter()
         results = predictor.predict([im for _, im in inputs], top_k=min(5, len(predictor.classes)))
         ms = (time.perf_counter() - t0) * 1000
@@ -1072,10 +984,8 @@ def benchmark(state: dict | None, progress: gr.Progress = gr.Progress()) -> tupl
     """Torch eager vs onnxruntime FP32 vs INT8 at batch 1 and 16. Outputs: markdown, bar chart, table."""
     state = _ensure_state(state)
     path = _model_path(state, "run:fp32")
-    try:
-        from export.bench import benchmark as run_benchmark
-    except ImportError:
-        raise gr.Error("The benchmark module (export.bench) is not available in this version.") from None
+    from export.bench import benchmark as run_benchmark  # loads onnxruntime's quantization tools: on first use
+
     progress(0.1, desc="timing PyTorch eager, onnxruntime FP32 and INT8 at batch 1 and 16")
     with _Active(state["sid"]):
         try:
@@ -1093,10 +1003,11 @@ def benchmark_table(result: dict) -> pd.DataFrame:
     rows = []
     for batch_size, row in (result.get("batches") or {}).items():
         base = row.get("torch", {}).get("ms")
-        for engine, value in row.items():
-            if engine == "ratios" or not isinstance(value, dict):
+        for engine in ENGINE_TITLES:
+            if engine not in row:
                 continue
-            rows.append({"engine": ENGINE_TITLES.get(engine, engine), "batch size": int(batch_size),
+            value = row[engine]
+            rows.append({"engine": ENGINE_TITLES[engine], "batch size": int(batch_size),
                          "latency (ms)": round(value["ms"], 2), "images/s": round(value["images_per_s"], 1),
                          "speed-up vs PyTorch": f"{base / value['ms']:.2f}×" if base else "–"})
     return pd.DataFrame(rows, columns=["engine", "batch size", "latency (ms)", "images/s", "speed-up vs PyTorch"])
@@ -1106,11 +1017,13 @@ def _bench_md(result: dict) -> str:
     device = describe_device(resolve_device("cpu"))
     lines = [f"onnxruntime provider **{result.get('provider', '?')}** · device **{device}** · "
              f"{result.get('threads', '?')} threads · input {result.get('image_size', '?')} px · median of "
-             f"{result.get('repeats', '?')} runs (interleaved)."]
+             f"{result.get('repeats', '?')} runs, engines interleaved; in brackets each ratio's range over the "
+             "rounds, which shows how much other load on this machine moved it."]
     for batch_size, row in (result.get("batches") or {}).items():
-        ratios = row.get("ratios") or {}
+        ratios, ranges = row.get("ratios") or {}, row.get("ratio_ranges") or {}
         if ratios:
             text = ", ".join(f"{k.replace('_vs_', ' vs ').replace('onnx_', 'ORT ')} {v:.2f}×"
+                             + (" ({:.2f}–{:.2f}×)".format(*ranges[k]) if k in ranges else "")
                              for k, v in ratios.items())
             lines.append(f"- batch {batch_size}: {text}")
     if not any("onnx_int8" in row for row in (result.get("batches") or {}).values()):

@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,9 +315,15 @@ def _fallback_message(device: str, available: Sequence[str], provider: str) -> s
     return None
 
 
-def create_session(path: Path, device: str = "auto", *, intra_op_threads: int | None = None
-                   ) -> tuple[ort.InferenceSession, str | None]:
-    """An InferenceSession on the best allowed provider, and a fallback warning when the GPU was not used."""
+def create_session(path: Path, device: str = "auto", *, intra_op_threads: int | None = None,
+                   spin: bool = False) -> tuple[ort.InferenceSession, str | None]:
+    """An InferenceSession on the best allowed provider, and a fallback warning when the GPU was not used.
+
+    ``spin``: idle worker threads busy-wait between operators (onnxruntime's own default, and what torch's
+    OpenMP threads do) instead of sleeping. That saves a thread wake-up per operator, which shows at batch 1, but
+    the spinning threads take their cores away from everything else, so it is off unless the session has the
+    machine to itself (the benchmark). The app trains with torch and serves other sessions in this process.
+    """
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}.")
     _check_file(path)
@@ -328,9 +337,7 @@ def create_session(path: Path, device: str = "auto", *, intra_op_threads: int | 
     if threads < 1:
         raise ValueError(f"intra_op_threads must be >= 1, got {intra_op_threads!r}.")
     options.intra_op_num_threads = threads
-    # Idle worker threads sleep instead of spinning: this process also trains with torch and serves other
-    # sessions, and spinning threads would take those cores away between calls.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     session = _open_session(path, [_provider_options(p) for p in providers], options)
     message = _fallback_message(device, available, session.get_providers()[0])
     if message:
@@ -384,10 +391,11 @@ class _Runner:
     output_name: str
 
     def __init__(self, path: Path, device: str, intra_op_threads: int | None, io_binding: bool | None,
-                 batch_size: int):
+                 batch_size: int, spin: bool = False):
         self.model_path = path
         self.device = device
-        self._session, self.fallback_warning = create_session(path, device, intra_op_threads=intra_op_threads)
+        self._session, self.fallback_warning = create_session(path, device, intra_op_threads=intra_op_threads,
+                                                              spin=spin)
         self.providers = self._session.get_providers()
         self.provider = self.providers[0]
         self._on_gpu = self.provider in _GPU_PROVIDERS
@@ -423,9 +431,10 @@ class Predictor(_Runner):
     output_name = "probabilities"
 
     def __init__(self, model_path: str | os.PathLike[str], *, device: str = "auto",
-                 intra_op_threads: int | None = None, io_binding: bool | None = None, batch_size: int = 32):
+                 intra_op_threads: int | None = None, io_binding: bool | None = None, batch_size: int = 32,
+                 spin: bool = False):
         path = Path(model_path)
-        super().__init__(path, device, intra_op_threads, io_binding, batch_size)
+        super().__init__(path, device, intra_op_threads, io_binding, batch_size, spin)
         self.info = parse_metadata(self._session.get_modelmeta().custom_metadata_map, path)
         if self.info.kind != "classifier":
             raise _bad(path, f"this is a {self.info.kind!r} model (a feature extractor), not a classifier; "
@@ -488,3 +497,92 @@ class OnnxFeatureExtractor(_Runner):
     def extract(self, images: np.ndarray) -> np.ndarray:
         """Float32 features for prepared uint8 images ``[N, S, S, 3]``."""
         return self._run(_check_batch(images, self.image_size)).astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------- serving helpers
+
+
+class PredictorCache:
+    """Thread-safe LRU of ``Predictor`` keyed by (path, mtime, size, device): a server loads each model file once
+    and shares it between requests; a file rewritten in place is loaded again."""
+
+    def __init__(self, capacity: int = 16):
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple, Predictor] = OrderedDict()
+        self._building: dict[tuple, threading.Lock] = {}
+        self.loads = 0  # how many Predictors were built
+
+    @staticmethod
+    def _key(path: Path, device: str) -> tuple:
+        st = path.stat()
+        return str(path.resolve()), st.st_mtime_ns, st.st_size, device
+
+    def get(self, path: str | os.PathLike[str], device: str = "auto") -> Predictor:
+        path = Path(path)
+        key = self._key(path, device)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            build_lock = self._building.setdefault(key, threading.Lock())
+        with build_lock:  # one build per file; other files are not blocked
+            with self._lock:
+                if key in self._items:
+                    return self._items[key]
+            predictor = Predictor(path, device=device)
+            with self._lock:
+                self.loads += 1
+                for old in [k for k in self._items if k[0] == key[0]]:  # older versions of the same file
+                    del self._items[old]
+                self._items[key] = predictor
+                while len(self._items) > self.capacity:
+                    self._items.popitem(last=False)
+                self._building.pop(key, None)
+            return predictor
+
+    def evict_under(self, folder: str | os.PathLike[str]) -> None:
+        """Forget every model under ``folder`` (before the folder is deleted or replaced)."""
+        prefix = str(Path(folder).resolve()) + os.sep
+        with self._lock:
+            for key in [k for k in self._items if k[0].startswith(prefix)]:
+                del self._items[key]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# Run in a child process: a malformed or hostile file can only crash that process.
+_CHECK_MODEL = r"""
+import json, sys
+import numpy as np
+from core.inference import ModelFormatError, Predictor
+try:
+    p = Predictor(sys.argv[1], device="cpu", intra_op_threads=1)
+    p.predict_arrays(np.zeros((1, p.image_size, p.image_size, 3), np.uint8))
+    i = p.info
+    print(json.dumps({"ok": True, "classes": list(i.classes), "backbone": i.backbone, "image_size": i.image_size,
+                      "variant": i.variant}))
+except (ModelFormatError, ValueError, OSError) as exc:
+    print(json.dumps({"ok": False, "error": str(exc)}))
+"""
+
+
+def check_model_file(path: str | os.PathLike[str], timeout: float = 90.0) -> dict[str, Any]:
+    """Load ``path`` with a ``Predictor`` and run it once, in a child process, before trusting an uploaded file.
+
+    Returns ``{"ok": True, "classes", "backbone", "image_size", "variant"}`` or ``{"ok": False, "error"}``; a file
+    that crashes or hangs onnxruntime gives ``ok: False`` instead of taking this process down.
+    """
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHECK_MODEL, str(path)], capture_output=True, text=True,
+                              timeout=timeout, cwd=root, env=env)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"loading the model took longer than {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"ok": False, "error": f"onnxruntime could not load it (the check process exited with "
+                                      f"{proc.returncode})"}
+    return json.loads(lines[-1])

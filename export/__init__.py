@@ -27,6 +27,7 @@ _EXPORTS = {
     "optimize_model": "export.quantize",
     "quantize_int8": "export.quantize",
     "write_triton_repository": "export.triton",
+    "write_triton_zip": "export.triton",
     "benchmark": "export.bench",
 }
 

@@ -86,8 +86,12 @@ def cmd_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
-    from export.triton import write_triton_repository
+    from export.triton import write_triton_repository, write_triton_zip
 
+    if args.out.endswith(".zip"):
+        path = write_triton_zip(args.model, args.out, model_name=args.name, max_batch_size=args.max_batch_size)
+        print(f"wrote {path} (unzip it into a model repository and serve with: tritonserver --model-repository DIR)")
+        return 0
     path = write_triton_repository(args.model, args.out, model_name=args.name, max_batch_size=args.max_batch_size)
     print(f"wrote Triton model {path} (serve with: tritonserver --model-repository {Path(args.out)})")
     return 0
@@ -119,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("triton", help="write a Triton model repository for an exported model")
     p.add_argument("--model", required=True, help="exported .onnx file")
-    p.add_argument("--out", required=True, help="model repository folder")
+    p.add_argument("--out", required=True, help="model repository folder, or a .zip file to write it into")
     p.add_argument("--name", help="Triton model name (default: the file name without .onnx)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.set_defaults(func=cmd_triton)

@@ -16,22 +16,42 @@ from export.quantize import variant_path
 
 
 def _time_rounds(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int,
-                 rounds: int = 3) -> dict[str, float]:
-    """Median wall time (ms) per engine. Engines run in blocks, alternating over ``rounds`` so slow drifts in
-    background load hit all of them alike, with a pause between blocks so one engine's idle-spinning worker
-    threads (OpenMP, onnxruntime) do not steal cores from the next."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+                 rounds: int) -> dict[str, list[list[float]]]:
+    """Wall times (ms) per engine and round. Engines run in blocks, alternating over ``rounds`` so slow drifts
+    in background load hit all of them alike, with a pause between blocks so one engine's idle worker threads
+    (OpenMP, onnxruntime) do not steal cores from the next."""
+    samples: dict[str, list[list[float]]] = {name: [] for name in fns}
     per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
     for count in per_round:
         for name, fn in fns.items():
             time.sleep(0.05)
             for _ in range(warmup):
                 fn()
+            times = []
             for _ in range(count):
                 start = time.perf_counter()
                 fn()
-                samples[name].append((time.perf_counter() - start) * 1000.0)
-    return {name: statistics.median(values) for name, values in samples.items() if values}
+                times.append((time.perf_counter() - start) * 1000.0)
+            samples[name].append(times)
+    return samples
+
+
+def _ratio(samples: dict[str, list[list[float]]], slow: str, fast: str) -> dict[str, float]:
+    """``slow``'s time over ``fast``'s: the ratio of the medians of all runs, and its lowest and highest value
+    over the rounds (each round's medians), which shows how much the machine's load moved the answer."""
+    overall = statistics.median(sum(samples[slow], [])) / statistics.median(sum(samples[fast], []))
+    per_round = [statistics.median(a) / statistics.median(b)
+                 for a, b in zip(samples[slow], samples[fast]) if a and b]
+    return {"ratio": overall, "low": min(per_round), "high": max(per_round)}
+
+
+ENGINES = ("torch", "torch_nchw", "onnx_fp32", "onnx_int8")
+RATIOS = (  # name, slower engine, faster engine
+    ("onnx_fp32_vs_torch", "torch", "onnx_fp32"),
+    ("onnx_fp32_vs_torch_nchw", "torch_nchw", "onnx_fp32"),
+    ("onnx_int8_vs_fp32", "onnx_fp32", "onnx_int8"),
+    ("onnx_int8_vs_torch", "torch", "onnx_int8"),
+)
 
 
 def _torch_runner(torch_model: Any, threads: int
@@ -59,15 +79,19 @@ def _torch_runner(torch_model: Any, threads: int
 
 
 def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] = (1, 16), repeats: int = 20,
-              warmup: int = 3, torch_model: Any = None, run_dir: str | os.PathLike[str] | None = None,
+              warmup: int = 3, rounds: int = 5, torch_model: Any = None, run_dir: str | os.PathLike[str] | None = None,
               threads: int | None = None, device: str = "cpu", print_table: bool = True) -> dict[str, Any]:
     """Median latency (ms) and throughput (images/s) per engine and batch size, and the speed-up ratios.
 
     Engines: ``torch`` (eager, CPU, the exported classifier's uint8 NHWC input; from ``torch_model`` or rebuilt
     from ``run_dir``), ``torch_nchw`` (the same network called on a contiguous NCHW float batch), ``onnx_fp32`` and
-    ``onnx_int8`` (when ``<model>.int8.onnx`` exists). All get the same uint8 inputs and thread count.
+    ``onnx_int8`` (when ``<model>.int8.onnx`` exists). All get the same uint8 inputs and thread count. Without
+    ``run_dir``, the model's own folder is used when it is a run folder (it holds ``report.json``).
+    Each ratio comes with its range over ``rounds`` alternating rounds.
     """
     model_path = Path(model_path)
+    if torch_model is None and run_dir is None and (model_path.parent / "report.json").is_file():
+        run_dir = model_path.parent
     info = read_model_info(model_path)
     threads = threads or default_threads()
     torch_note = None if torch_model is not None else "no PyTorch model given (pass --run RUN_DIR)"
@@ -82,33 +106,33 @@ def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] 
     restore = None
     if torch_model is not None:
         engines["torch"], engines["torch_nchw"], restore = _torch_runner(torch_model, threads)
-    fp32 = Predictor(model_path, device=device, intra_op_threads=threads)
+    # onnxruntime with its default busy-waiting worker threads, as torch's OpenMP threads do (see create_session).
+    fp32 = Predictor(model_path, device=device, intra_op_threads=threads, spin=True)
     engines["onnx_fp32"] = fp32.predict_arrays
     int8_path = variant_path(model_path, "int8")
     if int8_path.exists():
-        engines["onnx_int8"] = Predictor(int8_path, device=device, intra_op_threads=threads).predict_arrays
+        engines["onnx_int8"] = Predictor(int8_path, device=device, intra_op_threads=threads,
+                                          spin=True).predict_arrays
     rng = np.random.default_rng(0)
     results: dict[str, Any] = {"model": str(model_path), "image_size": info.image_size, "threads": threads,
                                "provider": fp32.provider, "repeats": repeats, "batches": {},
-                               "timing": "engines alternate in blocks over up to 3 rounds; median per engine"}
+                               "timing": f"engines alternate in blocks over {max(1, min(rounds, repeats))} rounds; "
+                                         "median per engine; each ratio's range is over the rounds"}
     if torch_model is None:
         results["torch_skipped"] = torch_note
     try:
         for batch_size in batch_sizes:
             batch = rng.integers(0, 256, (batch_size, info.image_size, info.image_size, 3), dtype=np.uint8)
             calls = {name: (lambda run=run, batch=batch: run(batch)) for name, run in engines.items()}
-            timed = _time_rounds(calls, warmup=warmup, repeats=repeats, rounds=min(3, repeats))
-            row: dict[str, Any] = {name: {"ms": ms, "images_per_s": batch_size * 1000.0 / ms}
-                                   for name, ms in timed.items()}
-            ratios = {}
-            if "torch" in row:
-                ratios["onnx_fp32_vs_torch"] = row["torch"]["ms"] / row["onnx_fp32"]["ms"]
-                ratios["onnx_fp32_vs_torch_nchw"] = row["torch_nchw"]["ms"] / row["onnx_fp32"]["ms"]
-            if "onnx_int8" in row:
-                ratios["onnx_int8_vs_fp32"] = row["onnx_fp32"]["ms"] / row["onnx_int8"]["ms"]
-                if "torch" in row:
-                    ratios["onnx_int8_vs_torch"] = row["torch"]["ms"] / row["onnx_int8"]["ms"]
-            row["ratios"] = ratios
+            samples = _time_rounds(calls, warmup=warmup, repeats=repeats, rounds=max(1, min(rounds, repeats)))
+            row: dict[str, Any] = {}
+            for name, times in samples.items():
+                ms = statistics.median(sum(times, []))
+                row[name] = {"ms": ms, "images_per_s": batch_size * 1000.0 / ms}
+            ratios = {name: _ratio(samples, slow, fast) for name, slow, fast in RATIOS
+                      if slow in samples and fast in samples}
+            row["ratios"] = {name: value["ratio"] for name, value in ratios.items()}
+            row["ratio_ranges"] = {name: [value["low"], value["high"]] for name, value in ratios.items()}
             results["batches"][batch_size] = row
     finally:
         if restore:
@@ -125,9 +149,10 @@ def format_table(results: dict[str, Any]) -> str:
     if results.get("torch_skipped"):
         lines.insert(1, f"torch eager skipped: {results['torch_skipped']}")
     for batch_size, row in results["batches"].items():
-        for name, value in row.items():
-            if name != "ratios":
-                lines.append(f"{batch_size:>5}  {name:<11} {value['ms']:>9.2f} {value['images_per_s']:>10.1f}")
+        for name in ENGINES:
+            if name in row:
+                lines.append(f"{batch_size:>5}  {name:<11} {row[name]['ms']:>9.2f} {row[name]['images_per_s']:>10.1f}")
         for name, ratio in row["ratios"].items():
-            lines.append(f"{batch_size:>5}  {name} = {ratio:.2f}x")
+            low, high = row["ratio_ranges"][name]
+            lines.append(f"{batch_size:>5}  {name} = {ratio:.2f}x  (per round {low:.2f}-{high:.2f}x)")
     return "\n".join(lines)

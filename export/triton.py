@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from core.inference import INPUT_NAME, read_model_info
@@ -79,3 +80,18 @@ def write_triton_repository(model_path: str | os.PathLike[str], out_dir: str | o
     (model_dir / "labels.txt").write_text("".join(f"{c}\n" for c in info.classes), encoding="utf-8")
     (model_dir / "config.pbtxt").write_text(config, encoding="utf-8")
     return model_dir
+
+
+def write_triton_zip(model_path: str | os.PathLike[str], zip_path: str | os.PathLike[str], **options) -> Path:
+    """The repository of ``write_triton_repository`` (same ``options``) as one zip, ready to unpack into a Triton
+    model store. The zip is written next to ``zip_path`` and renamed into place, so a failure keeps any earlier one.
+    """
+    zip_path = Path(zip_path)
+    if zip_path.suffix != ".zip":
+        raise ValueError(f"the Triton archive must end in .zip, got {zip_path.name!r}.")
+    zip_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".triton-", dir=zip_path.parent) as tmp:
+        write_triton_repository(model_path, Path(tmp) / "repository", **options)
+        archive = shutil.make_archive(str(Path(tmp) / "archive"), "zip", root_dir=Path(tmp) / "repository")
+        os.replace(archive, zip_path)
+    return zip_path

@@ -185,6 +185,22 @@ def test_bad_uploads_raise_clear_errors(app_root, tmp_path):
     assert "zip" in msg.lower()
 
 
+def test_a_broken_upload_keeps_the_dataset_loaded_before_it(app_root, tmp_path):
+    state = data_out(app.load_zip(str(colour_zip(tmp_path / "first.zip")), app.new_session()))["state"]
+    first = state["dataset"]
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(colour_zip(tmp_path / "whole.zip", seed=1).read_bytes()[:300])
+    with pytest.raises(gr.Error):
+        app.load_zip(str(broken), state)
+    assert state["dataset"] is first and all(item.path.is_file() for item in first.items)
+    uploads = app.session_dir(state) / "data"
+    assert len(list(uploads.iterdir())) == 1  # the broken upload's folder is gone
+    second = data_out(app.load_zip(str(colour_zip(tmp_path / "second.zip", seed=2)), state))["state"]["dataset"]
+    assert second is not first and all(item.path.is_file() for item in second.items)
+    assert not any(item.path.exists() for item in first.items)  # the replaced upload was deleted
+    assert len(list(uploads.iterdir())) == 1
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 

@@ -6,6 +6,7 @@ import csv
 import json
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,10 @@ import export.quantize as quantize
 import models
 from core.inference import FORMAT, Predictor, read_model_info
 from export.__main__ import main as cli_main
-from export.bench import benchmark
+from export.bench import benchmark, format_table
 from export.onnx_export import export_classifier, export_classifier_report, read_metadata
 from export.quantize import build_variants, variant_path
-from export.triton import write_triton_repository
+from export.triton import write_triton_repository, write_triton_zip
 from export.verify import ParityError, check_parity, evaluate_onnx
 
 SIZE = 64
@@ -166,6 +167,20 @@ def test_triton_repository(exported, tmp_path):
         write_triton_repository(path, tmp_path / "repo", model_name="bad name")
 
 
+def test_triton_zip_holds_the_repository_and_a_failure_keeps_the_old_zip(exported, tmp_path):
+    target = tmp_path / "triton.zip"
+    assert cli_main(["triton", "--model", str(exported[0]), "--out", str(target), "--name", "pets"]) == 0
+    with zipfile.ZipFile(target) as archive:
+        names = set(archive.namelist())
+        assert {"pets/config.pbtxt", "pets/labels.txt", "pets/1/model.onnx"} <= names
+        assert archive.read("pets/labels.txt").decode().splitlines() == CLASSES
+    before = target.read_bytes()
+    with pytest.raises(ValueError, match="not a valid Triton model name"):
+        write_triton_zip(exported[0], target, model_name="bad name")
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["triton.zip"]  # no temporary folder left behind
+
+
 def test_int8_variant_is_built_and_judged_by_tolerance(exported, tmp_path):
     path = tmp_path / "model.onnx"
     shutil.copyfile(exported[0], path)
@@ -287,8 +302,30 @@ def test_benchmark_reports_ratios(exported, tmp_path):
         assert row["ratios"]["onnx_fp32_vs_torch"] > 0 and row["ratios"]["onnx_fp32_vs_torch_nchw"] > 0
         assert row["torch_nchw"]["ms"] > 0
         assert "onnx_int8" not in row
+        for name in row["ratios"]:
+            low, high = row["ratio_ranges"][name]
+            assert 0 < low <= high
+    assert "onnx_fp32_vs_torch_nchw = " in format_table(results)
     skipped = benchmark(path, batch_sizes=(1,), repeats=1, warmup=0, run_dir=tmp_path, threads=1, print_table=False)
     assert "report.json not found" in skipped["torch_skipped"] and "torch" not in skipped["batches"][1]
+    alone = benchmark(path, batch_sizes=(1,), repeats=1, warmup=0, threads=1, print_table=False)
+    assert "pass --run" in alone["torch_skipped"]
+
+
+def test_benchmark_finds_the_torch_model_in_the_run_folder(exported, tmp_path, monkeypatch):
+    path = tmp_path / "model.onnx"
+    shutil.copyfile(exported[0], path)
+    (tmp_path / "report.json").write_text("{}", encoding="utf-8")
+    seen = []
+
+    def fake_load(run_dir, mode):
+        seen.append((Path(run_dir), mode))
+        raise ValueError("no weights here")
+
+    monkeypatch.setattr(onnx_export, "load_run_classifier", fake_load)
+    results = benchmark(path, batch_sizes=(1,), repeats=1, warmup=0, threads=1, print_table=False)
+    assert seen == [(tmp_path, "pretrained")]
+    assert results["torch_skipped"] == "PyTorch model not rebuilt: no weights here"
 
 
 def test_both_torch_baselines_compute_the_same_probabilities(exported):

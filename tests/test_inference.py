@@ -230,6 +230,16 @@ def test_device_cpu_never_warns(model):
         Predictor(model[0], device="gpu")
 
 
+@pytest.mark.parametrize("spin", [False, True])
+def test_thread_settings_reach_the_session(model, spin):
+    session, _ = inference.create_session(model[0], "cpu", intra_op_threads=1, spin=spin)
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+    with pytest.raises(ValueError, match="intra_op_threads must be >= 1"):
+        inference.create_session(model[0], "cpu", intra_op_threads=0)
+
+
 def test_default_threads_is_sane():
     assert 1 <= default_threads() <= 8
 
