@@ -1018,7 +1018,9 @@ def _bench_md(result: dict) -> str:
     lines = [f"onnxruntime provider **{result.get('provider', '?')}** · device **{device}** · "
              f"{result.get('threads', '?')} threads · input {result.get('image_size', '?')} px · median of "
              f"{result.get('repeats', '?')} runs, engines interleaved; in brackets each ratio's range over the "
-             "rounds, which shows how much other load on this machine moved it."]
+             "rounds, which shows how much other load on this machine moved it. onnxruntime runs with its default "
+             "busy-waiting worker threads here, as on a dedicated server; the Predict tab lets them sleep, since "
+             "this server also trains, which costs it some latency at batch 1."]
     for batch_size, row in (result.get("batches") or {}).items():
         ratios, ranges = row.get("ratios") or {}, row.get("ratio_ranges") or {}
         if ratios:

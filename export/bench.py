@@ -14,17 +14,20 @@ import numpy as np
 from core.inference import Predictor, default_threads, read_model_info
 from export.quantize import variant_path
 
+PAUSE_S = 0.2  # between engine blocks; see _time_rounds
+
 
 def _time_rounds(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int,
                  rounds: int) -> dict[str, list[list[float]]]:
     """Wall times (ms) per engine and round. Engines run in blocks, alternating over ``rounds`` so slow drifts
     in background load hit all of them alike, with a pause between blocks so one engine's idle worker threads
-    (OpenMP, onnxruntime) do not steal cores from the next."""
+    do not steal cores from the next (onnxruntime's spinning workers stay busy for up to about 60 ms after a
+    run, measured with ``time.process_time`` across a sleep)."""
     samples: dict[str, list[list[float]]] = {name: [] for name in fns}
     per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
     for count in per_round:
         for name, fn in fns.items():
-            time.sleep(0.05)
+            time.sleep(PAUSE_S)
             for _ in range(warmup):
                 fn()
             times = []
