@@ -2,7 +2,7 @@
 
 Read top to bottom: ``TrainConfig`` -> ``prepare_images`` (decode + resize once) -> ``train_pretrained``
 (features cached once, then the head trains on them) and ``train_scratch`` (every layer, with augmentation)
--> ``finish_run`` (best epoch, scikit-learn metrics, verdict). ``run_compare`` drives both arms on one split
+-> ``summarize_run`` (best epoch, scikit-learn metrics, verdict). ``run_compare`` drives both arms on one split
 and adds the pitfall diagnostics; ``core.report`` writes the artifacts.
 """
 
@@ -166,10 +166,26 @@ def _seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _is_better(record: dict, best: dict | None) -> bool:
-    if best is None:
-        return True
-    return (record["val_accuracy"], -record["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
+class _EpochLog:
+    """What both arms do after every epoch: record it, keep the best epoch's weights (highest validation accuracy,
+    then lowest validation loss), tell the callbacks, and say whether the time budget is spent."""
+
+    def __init__(self, arm: str, cfg: TrainConfig, callbacks: Callbacks, start: float):
+        self.arm, self.cfg, self.callbacks, self.start = arm, cfg, callbacks, start
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.best_state: dict | None = None
+
+    def end_epoch(self, epoch: int, train_loss: float, train_accuracy: float, val_loss: float, val_accuracy: float,
+                  state: Callable[[], dict]) -> bool:
+        record = {"epoch": epoch, "seconds": time.perf_counter() - self.start, "train_loss": train_loss,
+                  "train_accuracy": train_accuracy, "val_loss": val_loss, "val_accuracy": val_accuracy}
+        self.history.append(record)
+        if self.best is None or ((val_accuracy, -val_loss) > (self.best["val_accuracy"], -self.best["val_loss"])):
+            self.best, self.best_state = record, state()
+        if self.callbacks.epoch is not None:
+            self.callbacks.epoch(self.arm, record)
+        return self.cfg.budget_seconds is not None and record["seconds"] >= self.cfg.budget_seconds
 
 
 def _evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -210,8 +226,7 @@ def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages
     # Head: dropout + linear, trained on cached features (on CPU: a matrix this small gains nothing on a GPU).
     head = make_head(models.get_backbone_spec(cfg.backbone).feature_dim, len(classes))
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay)
-    history: list[dict] = []
-    best, best_state = None, None
+    log = _EpochLog("pretrained", cfg, callbacks, start)
     for epoch in range(1, cfg.epochs + 1):
         # forward/backward over shuffled mini-batches
         head.train()
@@ -230,20 +245,16 @@ def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages
         head.eval()
         with torch.no_grad():
             val_loss, val_acc = _evaluate_logits(head(x_val), y_val)
-        record = {"epoch": epoch, "seconds": time.perf_counter() - start, "train_loss": loss_sum / len(perm),
-                  "train_accuracy": correct / len(perm), "val_loss": val_loss, "val_accuracy": val_acc}
-        history.append(record)
-        if _is_better(record, best):
-            best, best_state = record, copy.deepcopy(head.state_dict())
         # log / stop
-        if callbacks.epoch is not None:
-            callbacks.epoch("pretrained", record)
+        out_of_time = log.end_epoch(epoch, loss_sum / len(perm), correct / len(perm), val_loss, val_acc,
+                                    state=lambda: copy.deepcopy(head.state_dict()))
         callbacks.report("pretrained", epoch / cfg.epochs,
                          f"pretrained epoch {epoch}/{cfg.epochs}: val acc {val_acc:.1%}")
-        if cfg.budget_seconds is not None and record["seconds"] >= cfg.budget_seconds:
+        if out_of_time:
             break
     train_seconds = time.perf_counter() - start
 
+    best_state = log.best_state
     head.load_state_dict(best_state)
     head.eval()
     with torch.no_grad():
@@ -252,7 +263,7 @@ def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages
     model = models.build_classifier(cfg.backbone, len(classes), pretrained=True)
     model.head.load_state_dict(best_state)
     model.freeze_backbone()
-    return RunResult("pretrained", model.eval(), history, best["epoch"], train_seconds, val_prob, test_prob,
+    return RunResult("pretrained", model.eval(), log.history, log.best["epoch"], train_seconds, val_prob, test_prob,
                      extra={"feature_engine": extractor.engine, "feature_seconds": feature_seconds,
                             "feature_engine_setup_seconds": setup_seconds,
                             "features": {"train": feats[0].numpy(), "other": torch.cat(feats[len(views):]).numpy()}})
@@ -309,8 +320,7 @@ def train_scratch(cfg: TrainConfig, classes: list[str], train: PreparedImages, v
                 out.append(forward(torch.from_numpy(images[i : i + cfg.batch_size * 2])).cpu())
         return torch.cat(out)
 
-    history: list[dict] = []
-    best, best_state = None, None
+    log = _EpochLog("scratch", cfg, callbacks, start)
     y_val = torch.from_numpy(val.labels)
     for epoch in range(1, cfg.epochs + 1):
         # forward/backward with augmentation
@@ -335,23 +345,17 @@ def train_scratch(cfg: TrainConfig, classes: list[str], train: PreparedImages, v
                              f"scratch epoch {epoch}/{cfg.epochs}, batch {step + 1}/{steps_per_epoch}")
         # evaluate
         val_loss, val_acc = _evaluate_logits(predict(val.crops), y_val)
-        record = {"epoch": epoch, "seconds": time.perf_counter() - start, "train_loss": loss_sum / len(perm),
-                  "train_accuracy": correct / len(perm), "val_loss": val_loss, "val_accuracy": val_acc}
-        history.append(record)
-        if _is_better(record, best):
-            best, best_state = record, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         # log / stop
-        if callbacks.epoch is not None:
-            callbacks.epoch("scratch", record)
-        if cfg.budget_seconds is not None and record["seconds"] >= cfg.budget_seconds:
+        if log.end_epoch(epoch, loss_sum / len(perm), correct / len(perm), val_loss, val_acc,
+                         state=lambda: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}):
             break
     train_seconds = time.perf_counter() - start
 
-    model.load_state_dict(best_state)
+    model.load_state_dict(log.best_state)
     val_prob = torch.softmax(predict(val.crops), 1).numpy()
     test_prob = torch.softmax(predict(test.crops), 1).numpy() if test is not None else None
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-    return RunResult("scratch", model, history, best["epoch"], train_seconds, val_prob, test_prob,
+    return RunResult("scratch", model, log.history, log.best["epoch"], train_seconds, val_prob, test_prob,
                      extra={"amp": str(amp_dtype).replace("torch.", "") if cuda else None})
 
 
