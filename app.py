@@ -304,6 +304,11 @@ def _backbone_choices() -> list[tuple[str, str]]:
     return out
 
 
+def unfreeze_range(backbone: str) -> dict:
+    """The fine-tune slider's range for ``backbone`` (its number of blocks)."""
+    return gr.update(maximum=models.block_count(backbone), value=0)
+
+
 def _device_choices() -> list[tuple[str, str]]:
     auto = resolve_device("auto")
     choices = [(f"auto → {describe_device(auto)}", "auto"), ("cpu", "cpu")]
@@ -460,7 +465,7 @@ def _out(names: tuple[str, ...], **values) -> tuple:
 
 
 def make_config(backbone: str, epochs: float, budget: float | None, image_size: float | None, target: float,
-                device: str, scratch: bool, seed: float | None = 0):
+                device: str, scratch: bool, seed: float | None = 0, unfreeze: float | None = 0):
     """A validated ``TrainConfig`` from the form values (ValueError with a readable message otherwise)."""
     from core.train import TrainConfig
 
@@ -477,6 +482,7 @@ def make_config(backbone: str, epochs: float, budget: float | None, image_size: 
         device=device,
         seed=int(seed or 0),
         train_scratch=bool(scratch),
+        unfreeze_blocks=int(unfreeze or 0),
     ).validated()
 
 
@@ -493,11 +499,14 @@ def cancel_training(state: dict | None) -> str:
     return "🛑 Cancelling after the current step…"
 
 
-_STAGES = {  # stage -> (start, end) of the overall progress bar, with and without the scratch arm
-    True: {"decode": (0.0, 0.1), "features": (0.1, 0.3), "pretrained": (0.3, 0.4), "scratch": (0.4, 0.9),
-           "done": (0.9, 0.9), "export": (0.9, 1.0)},
-    False: {"decode": (0.0, 0.2), "features": (0.2, 0.6), "pretrained": (0.6, 0.8), "done": (0.8, 0.8),
-            "export": (0.8, 1.0)},
+_STAGES = {  # (scratch arm?, backbone blocks fine-tuned?) -> stage -> (start, end) of the overall progress bar
+    (True, False): {"decode": (0.0, 0.1), "features": (0.1, 0.3), "pretrained": (0.3, 0.4), "scratch": (0.4, 0.9),
+                    "done": (0.9, 0.9), "export": (0.9, 1.0)},
+    (False, False): {"decode": (0.0, 0.2), "features": (0.2, 0.6), "pretrained": (0.6, 0.8), "done": (0.8, 0.8),
+                     "export": (0.8, 1.0)},
+    (True, True): {"decode": (0.0, 0.05), "pretrained": (0.05, 0.45), "scratch": (0.45, 0.9), "done": (0.9, 0.9),
+                   "export": (0.9, 1.0)},
+    (False, True): {"decode": (0.0, 0.1), "pretrained": (0.1, 0.85), "done": (0.85, 0.85), "export": (0.85, 1.0)},
 }
 
 
@@ -514,7 +523,7 @@ def _epoch_line(arm: str, r: dict, epochs: int) -> str:
 
 
 def train(state: dict | None, backbone: str, epochs: float, budget: float | None, image_size: float | None,
-          target: float, device: str, scratch: bool, seed: float | None = 0,
+          target: float, device: str, scratch: bool, seed: float | None = 0, unfreeze: float | None = 0,
           progress: gr.Progress = gr.Progress(), request: gr.Request = None) -> Iterator[tuple]:  # noqa: B008
     """Train both arms in a worker thread and stream progress; the last update holds every result.
 
@@ -529,7 +538,7 @@ def train(state: dict | None, backbone: str, epochs: float, budget: float | None
     if ds is None:
         raise gr.Error("Load a dataset first (Data tab): pick a sample or upload a .zip.", title="No data")
     try:
-        cfg = make_config(backbone, epochs, budget, image_size, target, device, scratch, seed)
+        cfg = make_config(backbone, epochs, budget, image_size, target, device, scratch, seed, unfreeze)
     except USER_ERRORS as exc:
         raise gr.Error(str(exc), title="Invalid setting") from None
     cancel: threading.Event = state["cancel"]
@@ -564,7 +573,7 @@ def train(state: dict | None, backbone: str, epochs: float, budget: float | None
     history: dict[str, list[dict]] = {}
     log_lines: list[str] = [f"dataset: {state.get('source')}  backbone: {cfg.backbone}  epochs: {cfg.epochs}  "
                             f"image size: {cfg.image_size or 'auto'}  device: {cfg.device}"]
-    stages = _STAGES[bool(cfg.train_scratch)]
+    stages = _STAGES[bool(cfg.train_scratch), bool(cfg.unfreeze_blocks)]
     worker = threading.Thread(target=work, name=f"train-{state['sid']}", daemon=True)
     start = time.perf_counter()
     with _Active(state["sid"]):
@@ -1154,6 +1163,11 @@ def build_app(session_root_dir: str | os.PathLike[str] | None = None, *, concurr
                                               elem_id="scratch")
                         with gr.Accordion("Advanced", open=False):
                             seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                            unfreeze = gr.Slider(0, models.block_count(models.DEFAULT_BACKBONE), value=0, step=1,
+                                                 label="Fine-tune the last N backbone blocks",
+                                                 info="0: frozen backbone, features computed once (seconds). "
+                                                      "N > 0: those blocks train too, on augmented images, like "
+                                                      "the scratch arm (minutes on a CPU).", elem_id="unfreeze")
                         with gr.Row():
                             train_btn = gr.Button("🚀 Train", variant="primary", elem_id="train-btn")
                             cancel_btn = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel-btn")
@@ -1252,9 +1266,10 @@ def build_app(session_root_dir: str | os.PathLike[str] | None = None, *, concurr
         # Train: the Train click arms a fresh cancel flag (unqueued), then the job waits its turn.
         train_btn.click(arm_training, [state], [state, status, train_btn, cancel_btn], queue=False,
                                     api_visibility="private").then(
-            train, [state, backbone, epochs, budget, image_size_in, target, device, scratch, seed], train_out,
+            train, [state, backbone, epochs, budget, image_size_in, target, device, scratch, seed, unfreeze], train_out,
             api_name="train", concurrency_limit=concurrency, concurrency_id="train", show_progress_on=[status])
         cancel_btn.click(cancel_training, [state], [status], queue=False, api_name="cancel")
+        backbone.change(unfreeze_range, [backbone], [unfreeze], queue=False, api_visibility="private")
         threshold.input(update_threshold, [state, positive, threshold], [threshold_md, threshold_cm],
                         api_name="threshold", concurrency_limit=None, show_progress="hidden")
         positive.input(update_threshold, [state, positive, threshold], [threshold_md, threshold_cm],

@@ -138,6 +138,9 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=_fraction, default=0.0, help="test share (default 0)")
     p.add_argument("--views", type=int, choices=(1, 2), default=d.views,
                    help="2 adds horizontally flipped training views for the pretrained head")
+    p.add_argument("--unfreeze", type=int, default=d.unfreeze_blocks, metavar="N",
+                   help="also fine-tune the last N blocks of the pretrained backbone, on augmented images "
+                        "(default 0: frozen backbone, features cached once; N > 0 trains like the scratch arm)")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export")
 
 
@@ -184,7 +187,7 @@ def _config_from_args(args: argparse.Namespace):
 
     return TrainConfig(backbone=args.backbone, epochs=args.epochs, budget_seconds=args.budget_seconds,
                        image_size=args.image_size, target_accuracy=args.target, seed=args.seed, device=args.device,
-                       views=args.views).validated()
+                       views=args.views, unfreeze_blocks=args.unfreeze).validated()
 
 
 def add_predict_parser(sub: argparse._SubParsersAction) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-ARM_TITLES = {"pretrained": "pretrained (frozen backbone + new head)", "scratch": "from scratch (same network)"}
+ARM_TITLES = {"pretrained": "pretrained backbone + new head", "scratch": "from scratch (same network)"}
 
 
 def pct(v: float | None) -> str:
@@ -24,6 +24,15 @@ def speedup_cell(report: dict, arm: str) -> str:
     return f"≥ {sp['lower_bound']:.1f}× sooner" if isinstance(sp, dict) else f"{sp:.1f}× sooner"
 
 
+def trained_layers(arm: str, run: dict) -> str:
+    """Which layers an arm trained: the head only, the head and the last N backbone blocks, or everything."""
+    if arm == "scratch":
+        return "every layer (random init)"
+    if run.get("unfrozen_blocks"):
+        return f"head + last {run['unfrozen_blocks']} of {run.get('backbone_blocks', '?')} backbone blocks"
+    return "head only (backbone frozen)"
+
+
 def comparison_rows(report: dict) -> list[tuple[str, dict[str, str]]]:
     """``[(metric label, {arm: formatted value})]`` for every headline metric of every arm."""
     runs = report["runs"]
@@ -36,7 +45,8 @@ def comparison_rows(report: dict) -> list[tuple[str, dict[str, str]]]:
         ("training time", "train_seconds", sec),
         (f"time to {report['target_accuracy']:.0%}", "time_to_target_seconds", sec),
     ]
-    rows = [(label, {arm: fmt(run.get(key)) for arm, run in runs.items()}) for label, key, fmt in metrics]
+    rows = [("layers trained", {arm: trained_layers(arm, run) for arm, run in runs.items()})]
+    rows += [(label, {arm: fmt(run.get(key)) for arm, run in runs.items()}) for label, key, fmt in metrics]
     rows.append(("speed-up to target", {arm: speedup_cell(report, arm) for arm in runs}))
     rows.append(("best epoch / epochs run",
                  {arm: f"{r.get('best_epoch')} / {r.get('epochs_run', len(r.get('history', [])))}"

@@ -1,9 +1,10 @@
 """Training: a new head on a frozen pretrained backbone vs the same network from scratch.
 
 Read top to bottom: ``TrainConfig`` -> ``prepare_images`` (decode + resize once) -> ``train_pretrained``
-(features cached once, then the head trains on them) and ``train_scratch`` (every layer, with augmentation)
--> ``summarize_run`` (best epoch, scikit-learn metrics, verdict). ``run_compare`` drives both arms on one split
-and adds the pitfall diagnostics; ``core.report`` writes the artifacts.
+(features cached once, then the head trains on them) and ``train_scratch`` (every layer, with augmentation;
+``train_finetune`` trains the last blocks of the pretrained backbone the same way) -> ``summarize_run`` (best
+epoch, scikit-learn metrics, verdict). ``run_compare`` drives both arms on one split and adds the pitfall
+diagnostics; ``core.report`` writes the artifacts.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ class TrainConfig:
     views: int = 1
     # Run the second arm. The app's "also train from scratch" switch.
     train_scratch: bool = True
+    # 0: the pretrained backbone stays frozen and its features are computed once (seconds on CPU). N > 0: its
+    # last N blocks train too, on augmented images and without a feature cache, like the scratch arm (minutes
+    # on CPU): worth it when the images look little like ImageNet photos.
+    unfreeze_blocks: int = 0
+    # Unfrozen pretrained blocks take small steps (a tenth of the head's rate) so they keep what ImageNet taught.
+    backbone_lr: float = 3e-4
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -90,6 +97,11 @@ class TrainConfig:
             raise ValueError(f"views must be 1 or 2, got {self.views}.")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}.")
+        if self.unfreeze_blocks:
+            blocks = models.block_count(self.backbone)
+            if not 0 <= self.unfreeze_blocks <= blocks:
+                raise ValueError(f"unfreeze_blocks must be between 0 (frozen backbone, cached features) and "
+                                 f"{blocks} ({self.backbone} has {blocks} blocks), got {self.unfreeze_blocks}.")
         return self
 
     def resolved_image_size(self, device: torch.device) -> int:
@@ -270,7 +282,8 @@ def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Scratch arm: the same architecture, random init, every layer trained with augmentation.
+# Networks trained end to end on augmented images: the scratch arm (every layer, random init) and the
+# pretrained arm when some backbone blocks are unfrozen (fine-tuning; no feature cache then).
 # ----------------------------------------------------------------------------------------------------------
 
 def _augment(image_size: int) -> v2.Compose:
@@ -280,26 +293,56 @@ def _augment(image_size: int) -> v2.Compose:
     ])
 
 
+def _track_batchnorm_faster(module: torch.nn.Module) -> None:
+    """Some checkpoints' BatchNorm uses TF's slow decay (momentum 0.01): with a few dozen steps the running
+    statistics would still be near their start and eval-mode predictions meaningless. Track them faster."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.1
+
+
 def train_scratch(cfg: TrainConfig, classes: list[str], train: PreparedImages, val: PreparedImages,
                   test: PreparedImages | None, device: torch.device, callbacks: Callbacks) -> RunResult:
     gen = _seed_everything(cfg.seed)
+    model = models.build_classifier(cfg.backbone, len(classes), pretrained=False)
+    _track_batchnorm_faster(model)
+    groups = [{"params": list(model.parameters()), "lr": cfg.scratch_lr}]
+    return _train_network("scratch", model, groups, cfg.scratch_weight_decay, cfg, train, val, test, device,
+                          callbacks, gen)
+
+
+def train_finetune(cfg: TrainConfig, classes: list[str], train: PreparedImages, val: PreparedImages,
+                   test: PreparedImages | None, device: torch.device, callbacks: Callbacks) -> RunResult:
+    """The pretrained arm with the backbone's last ``cfg.unfreeze_blocks`` blocks trained along with the head."""
+    gen = _seed_everything(cfg.seed)
+    model = models.build_classifier(cfg.backbone, len(classes), pretrained=True)
+    blocks = model.unfreeze_last_blocks(cfg.unfreeze_blocks)
+    _track_batchnorm_faster(torch.nn.ModuleList(blocks))
+    groups = [{"params": [p for b in blocks for p in b.parameters()], "lr": cfg.backbone_lr},
+              {"params": list(model.head.parameters()), "lr": cfg.head_lr}]
+    result = _train_network("pretrained", model, groups, cfg.head_weight_decay, cfg, train, val, test, device,
+                            callbacks, gen)
+    result.extra.update(unfrozen_blocks=cfg.unfreeze_blocks, backbone_blocks=len(model.blocks()),
+                        trainable_parameters=sum(p.numel() for g in groups for p in g["params"]))
+    return result
+
+
+def _train_network(arm: str, model: models.Classifier, groups: list[dict], weight_decay: float, cfg: TrainConfig,
+                   train: PreparedImages, val: PreparedImages, test: PreparedImages | None, device: torch.device,
+                   callbacks: Callbacks, gen: torch.Generator) -> RunResult:
+    """Train ``model``'s parameters in ``groups`` (each with its peak ``lr``) with AdamW and a one-cycle schedule
+    on augmented images; AMP and channels_last on CUDA. The best epoch's weights are kept."""
     start = time.perf_counter()
     image_size = train.crops.shape[1]
     cuda = device.type == "cuda"
-
-    model = models.build_classifier(cfg.backbone, len(classes), pretrained=False).to(device)
-    for m in model.modules():
-        # Some checkpoints' BatchNorm uses TF's slow decay (momentum 0.01): with a few dozen steps the running
-        # statistics would still be near their init and eval-mode predictions meaningless. Track them faster.
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = 0.1
+    model = model.to(device)
     preprocess = ImagePreprocess(model.spec.mean, model.spec.std).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.scratch_lr, weight_decay=cfg.scratch_weight_decay)
+    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train.resized) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.scratch_lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups],
+                                                total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if cuda else contextlib.nullcontext
@@ -320,7 +363,7 @@ def train_scratch(cfg: TrainConfig, classes: list[str], train: PreparedImages, v
                 out.append(forward(torch.from_numpy(images[i : i + cfg.batch_size * 2])).cpu())
         return torch.cat(out)
 
-    log = _EpochLog("scratch", cfg, callbacks, start)
+    log = _EpochLog(arm, cfg, callbacks, start)
     y_val = torch.from_numpy(val.labels)
     for epoch in range(1, cfg.epochs + 1):
         # forward/backward with augmentation
@@ -341,8 +384,8 @@ def train_scratch(cfg: TrainConfig, classes: list[str], train: PreparedImages, v
             sched.step()
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
-            callbacks.report("scratch", (epoch - 1 + (step + 1) / steps_per_epoch) / cfg.epochs,
-                             f"scratch epoch {epoch}/{cfg.epochs}, batch {step + 1}/{steps_per_epoch}")
+            callbacks.report(arm, (epoch - 1 + (step + 1) / steps_per_epoch) / cfg.epochs,
+                             f"{arm} epoch {epoch}/{cfg.epochs}, batch {step + 1}/{steps_per_epoch}")
         # evaluate
         val_loss, val_acc = _evaluate_logits(predict(val.crops), y_val)
         # log / stop
@@ -355,7 +398,7 @@ def train_scratch(cfg: TrainConfig, classes: list[str], train: PreparedImages, v
     val_prob = torch.softmax(predict(val.crops), 1).numpy()
     test_prob = torch.softmax(predict(test.crops), 1).numpy() if test is not None else None
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-    return RunResult("scratch", model, log.history, log.best["epoch"], train_seconds, val_prob, test_prob,
+    return RunResult(arm, model, log.history, log.best["epoch"], train_seconds, val_prob, test_prob,
                      extra={"amp": str(amp_dtype).replace("torch.", "") if cuda else None})
 
 
@@ -433,7 +476,7 @@ def run_compare(dataset: Dataset, cfg: TrainConfig | None = None, callbacks: Cal
     test = _subset(prepared, n_tr + n_va, len(all_items)) if test_items else None
 
     results: dict[str, RunResult] = {}
-    trainers = {"pretrained": train_pretrained, "scratch": train_scratch}
+    trainers = {"pretrained": train_finetune if cfg.unfreeze_blocks else train_pretrained, "scratch": train_scratch}
     for arm in arms:
         results[arm] = trainers[arm](cfg, classes, train, val, test, device, callbacks)
 

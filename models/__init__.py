@@ -12,7 +12,7 @@ from ._registry import (
     register_backbone,
 )
 from .backbones import torchvision_checkpoint_path
-from .classifier import Classifier, build_classifier
+from .classifier import Classifier, block_count, build_classifier
 
 __all__ = [
     "DEFAULT_BACKBONE",
@@ -20,6 +20,7 @@ __all__ = [
     "BackboneWeightsError",
     "Classifier",
     "UnknownBackboneError",
+    "block_count",
     "build_classifier",
     "get_backbone",
     "get_backbone_spec",

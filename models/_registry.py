@@ -14,11 +14,14 @@ class BackboneSpec:
     """Everything training, export, the app and the tests need to know about a backbone.
 
     ``build(pretrained)`` returns an ``nn.Module`` mapping a normalised ``[N, 3, H, W]`` float batch to
-    pooled features ``[N, feature_dim]``.
+    pooled features ``[N, feature_dim]``. ``blocks(module)`` lists that module's blocks from input to output
+    (stem, each residual / inverted-residual block, final conv); together they hold every parameter, and
+    fine-tuning unfreezes the last N of them.
     """
 
     name: str
     build: Callable[[bool], nn.Module] = field(repr=False)
+    blocks: Callable[[nn.Module], list[nn.Module]] = field(repr=False)
     input_size: int  # side of the square crop the ImageNet weights were trained at
     resize_size: int  # shorter side is resized to this, then centre-cropped to input_size
     mean: tuple[float, float, float]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.error
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +27,11 @@ class FeatureExtractor(nn.Module):
         return getattr(self.net, self._forward_name)(x)
 
 
+def _lite0_blocks(features: nn.Module) -> list[nn.Module]:
+    net = features.net
+    return [nn.ModuleList([net.stem_conv, net.stem_bn]), *net.blocks, nn.ModuleList([net.head_conv, net.head_bn])]
+
+
 def _build_lite0(pretrained: bool) -> nn.Module:
     net = efficientnet_lite0(pretrained=pretrained)
     net.classifier = nn.Identity()  # the ImageNet head was loaded (strictly) and is now dropped
@@ -36,6 +42,7 @@ register_backbone(
     BackboneSpec(
         name="efficientnet_lite0",
         build=_build_lite0,
+        blocks=_lite0_blocks,
         input_size=224,
         resize_size=256,
         mean=(0.5, 0.5, 0.5),  # the TF checkpoint expects inputs scaled to [-1, 1]
@@ -71,13 +78,29 @@ def _build_torchvision(arch: str, weights_name: str, head_attr: str, pretrained:
     return FeatureExtractor(net)
 
 
-def _register_torchvision(name: str, weights_name: str, head_attr: str, feature_dim: int, description: str) -> None:
+def _resnet_blocks(features: nn.Module) -> list[nn.Module]:
+    net = features.net
+    return [nn.ModuleList([net.conv1, net.bn1]), *net.layer1, *net.layer2, *net.layer3, *net.layer4]
+
+
+def _features_blocks(features: nn.Module) -> list[nn.Module]:
+    """torchvision's MobileNet / EfficientNet: ``net.features`` is the stem, the blocks (EfficientNet groups them
+    in stages, which are flattened here) and the final conv."""
+    blocks: list[nn.Module] = []
+    for child in features.net.features:
+        blocks.extend(child if type(child) is nn.Sequential else [child])  # a stage; Conv2dNormActivation is a unit
+    return blocks
+
+
+def _register_torchvision(name: str, weights_name: str, head_attr: str, feature_dim: int, description: str,
+                          blocks: Callable[[nn.Module], list[nn.Module]]) -> None:
     weights = torchvision.models.get_weight(weights_name)
     preset = weights.transforms()  # torchvision's own preprocessing for these weights
     register_backbone(
         BackboneSpec(
             name=name,
             build=partial(_build_torchvision, name, weights_name, head_attr),
+            blocks=blocks,
             input_size=preset.crop_size[0],
             resize_size=preset.resize_size[0],
             mean=tuple(preset.mean),
@@ -94,8 +117,8 @@ def _register_torchvision(name: str, weights_name: str, head_attr: str, feature_
 
 
 _register_torchvision("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "fc", 512,
-                      "ResNet-18, 11.7M params: the classic baseline. Downloads weights on first use.")
+                      "ResNet-18, 11.7M params: the classic baseline. Downloads weights on first use.", _resnet_blocks)
 _register_torchvision("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V1", "classifier", 960,
-                      "MobileNetV3-Large, 5.5M params: fast on CPU. Downloads weights on first use.")
+                      "MobileNetV3-Large, 5.5M params: fast on CPU. Downloads weights on first use.", _features_blocks)
 _register_torchvision("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", "classifier", 1280,
-                      "EfficientNet-B0, 5.3M params: SE + swish. Downloads weights on first use.")
+                      "EfficientNet-B0, 5.3M params: SE + swish. Downloads weights on first use.", _features_blocks)

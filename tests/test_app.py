@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import app
+import models
 from tests.helpers import colour_zip
 
 TINY = "sample:shapes?per_class=8&size=32"
@@ -241,6 +242,18 @@ def test_train_without_data_or_with_bad_settings_is_a_clear_error(app_root, trai
         next(app.train(trained["state"], **{**FAST, "epochs": 0}, progress=_NoProgress()))
     with pytest.raises(gr.Error, match="Unknown backbone"):
         next(app.train(trained["state"], **{**FAST, "backbone": "resnet9000"}, progress=_NoProgress()))
+    with pytest.raises(gr.Error, match="unfreeze_blocks must be between 0 .* and 18"):
+        next(app.train(trained["state"], **{**FAST, "unfreeze": 19}, progress=_NoProgress()))
+
+
+def test_fine_tuning_the_last_blocks_from_the_app(app_root):
+    assert app.unfreeze_range("resnet18")["maximum"] == 9 == models.block_count("resnet18")
+    state = data_out(app.load_sample(TINY, app.new_session()))["state"]
+    final, _ = run_train(state, scratch=False, unfreeze=2)
+    assert final["status"].startswith("✅")
+    layers = final["results"].set_index("metric").loc["layers trained"].iloc[0]
+    assert layers == "head + last 2 of 18 backbone blocks"
+    assert Path(final["dl_onnx"]["value"]).is_file()
 
 
 def test_cancel_stops_training(app_root, trained):

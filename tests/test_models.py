@@ -76,6 +76,44 @@ def test_classifier_forward(name):
     assert all(p.requires_grad for p in clf.head.parameters())
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_blocks_hold_every_parameter_once_in_forward_order(name):
+    clf = models.build_classifier(name, 3, pretrained=False)
+    blocks = clf.blocks()
+    assert len(blocks) >= 5
+    owners = [id(p) for block in blocks for p in block.parameters()]
+    assert len(owners) == len(set(owners)) and set(owners) == {id(p) for p in clf.backbone.parameters()}
+    # forward order: the first block sees the 3-channel image, the last one gives the features
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: seen.append(k)) for k, b in enumerate(blocks)
+             if not isinstance(b, torch.nn.ModuleList)]
+    with torch.no_grad():
+        clf.eval()(torch.randn(1, 3, 64, 64))
+    for hook in hooks:
+        hook.remove()
+    assert seen == sorted(seen) and len(seen) >= len(blocks) - 2
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unfreezing_the_last_blocks(name):
+    clf = models.build_classifier(name, 3, pretrained=False)
+    blocks = clf.blocks()
+    trainable = clf.unfreeze_last_blocks(2)
+    def ids(modules):
+        return [[id(p) for p in m.parameters()] for m in modules]
+
+    assert ids(trainable) == ids(blocks[-2:])
+    assert all(p.requires_grad for b in trainable for p in b.parameters())
+    assert not any(p.requires_grad for b in blocks[:-2] for p in b.parameters())
+    assert all(p.requires_grad for p in clf.head.parameters())
+    clf.train()
+    assert clf.head.training and all(b.training for b in trainable)
+    leaves = [m for b in blocks[:-2] for m in b.modules() if next(m.children(), None) is None]
+    assert leaves and not any(m.training for m in leaves)  # frozen BatchNorm keeps its statistics
+    with pytest.raises(ValueError, match=f"has {len(blocks)} blocks"):
+        clf.unfreeze_last_blocks(len(blocks) + 1)
+
+
 @pytest.mark.parametrize("name", DOWNLOADED)
 def test_downloaded_weights_load_from_a_seeded_cache(name, offline_torch_home):
     spec = models.get_backbone_spec(name)

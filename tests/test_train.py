@@ -131,7 +131,30 @@ def test_progress_and_epoch_callbacks_fire():
     assert epochs == ["pretrained"]
 
 
+def test_finetuning_trains_only_the_last_blocks_and_the_head():
+    cfg = TrainConfig(**{**FAST, "epochs": 1, "unfreeze_blocks": 2, "backbone_lr": 1e-2})
+    result = run_compare(load_dataset(TINY), cfg, arms=("pretrained",))
+    tuned = result.runs["pretrained"].model
+    fresh = models.build_classifier("efficientnet_lite0", 3, pretrained=True)
+    fresh_blocks, tuned_blocks = fresh.blocks(), tuned.blocks()
+    for before, after in zip(fresh_blocks[:-2], tuned_blocks[:-2]):  # frozen: weights and BN statistics
+        for key, value in before.state_dict().items():
+            torch.testing.assert_close(after.state_dict()[key], value, rtol=0, atol=0)
+    for before, after in zip(fresh_blocks[-2:], tuned_blocks[-2:]):  # unfrozen: trained
+        assert any(not torch.equal(after.state_dict()[k], v) for k, v in before.state_dict().items())
+    run = result.report["runs"]["pretrained"]
+    assert run["unfrozen_blocks"] == 2 and 0 < run["trainable_parameters"] < sum(p.numel() for p in fresh.parameters())
+    assert "feature_engine" not in run and len(run["history"]) == 1
+    # the returned probabilities are the tuned network's own on the validation crops
+    x = ImagePreprocess(tuned.spec.mean, tuned.spec.std)(torch.from_numpy(result.val.crops))
+    with torch.no_grad():
+        probs = torch.softmax(tuned.eval()(x), 1).numpy()
+    np.testing.assert_allclose(probs, result.runs["pretrained"].val_probabilities, atol=1e-5)
+
+
 def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(ValueError, match="unfreeze_blocks must be between 0 .* and 18"):
+        TrainConfig(unfreeze_blocks=19).validated()
     with pytest.raises(ValueError, match="Unknown config key"):
         TrainConfig.from_dict({"epochz": 3})
     with pytest.raises(ValueError, match="Did you mean"):
