@@ -317,7 +317,8 @@ def train_finetune(cfg: TrainConfig, classes: list[str], train: PreparedImages, 
     gen = _seed_everything(cfg.seed)
     model = models.build_classifier(cfg.backbone, len(classes), pretrained=True)
     blocks = model.unfreeze_last_blocks(cfg.unfreeze_blocks)
-    _track_batchnorm_faster(torch.nn.ModuleList(blocks))
+    for block in blocks:
+        _track_batchnorm_faster(block)
     groups = [{"params": [p for b in blocks for p in b.parameters()], "lr": cfg.backbone_lr},
               {"params": list(model.head.parameters()), "lr": cfg.head_lr}]
     result = _train_network("pretrained", model, groups, cfg.head_weight_decay, cfg, train, val, test, device,

@@ -64,7 +64,8 @@ class Classifier(nn.Module):
         super().train(mode)
         if mode and self.trainable_blocks is not None:
             self.backbone.eval()
-            for block in self.blocks()[len(self.blocks()) - self.trainable_blocks:]:
+            blocks = self.blocks()
+            for block in blocks[len(blocks) - self.trainable_blocks:]:
                 block.train()
         return self
 

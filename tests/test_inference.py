@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -238,6 +239,29 @@ def test_thread_settings_reach_the_session(model, spin):
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
     with pytest.raises(ValueError, match="intra_op_threads must be >= 1"):
         inference.create_session(model[0], "cpu", intra_op_threads=0)
+
+
+def test_predictor_cache_shares_reloads_and_evicts(model, tmp_path):
+    path = tmp_path / "served" / "model.onnx"
+    path.parent.mkdir()
+    shutil.copyfile(model[0], path)
+    cache = inference.PredictorCache(capacity=2)
+    first = cache.get(path, "cpu")
+    assert cache.get(path, "cpu") is first and cache.loads == 1
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # the file was replaced
+    second = cache.get(path, "cpu")
+    assert second is not first and cache.loads == 2 and len(cache) == 1
+    cache.evict_under(tmp_path / "served")
+    assert len(cache) == 0
+
+
+def test_check_model_file_runs_the_model_in_a_child_process(model, tmp_path):
+    good = inference.check_model_file(model[0])
+    assert good["ok"] and good["classes"] == list(Predictor(model[0], device="cpu").classes)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x01garbage")
+    bad = inference.check_model_file(junk)
+    assert not bad["ok"] and bad["error"]
 
 
 def test_default_threads_is_sane():
