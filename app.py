@@ -1018,11 +1018,15 @@ def benchmark_table(result: dict) -> pd.DataFrame:
             value = row[engine]
             rows.append({"engine": ENGINE_TITLES[engine], "batch size": int(batch_size),
                          "latency (ms)": round(value["ms"], 2), "images/s": round(value["images_per_s"], 1),
-                         "speed-up vs PyTorch": f"{base / value['ms']:.2f}×" if base else "–"})
-    return pd.DataFrame(rows, columns=["engine", "batch size", "latency (ms)", "images/s", "speed-up vs PyTorch"])
+                         "speed-up vs PyTorch": f"{base / value['ms']:.2f}×" if base else "–",
+                         "CPU time in kernel": f"{value.get('kernel_share', 0.0):.0%}"})
+    return pd.DataFrame(rows, columns=["engine", "batch size", "latency (ms)", "images/s", "speed-up vs PyTorch",
+                                       "CPU time in kernel"])
 
 
 def _bench_md(result: dict) -> str:
+    from export.bench import allocator_note
+
     device = describe_device(resolve_device("cpu"))
     lines = [f"onnxruntime provider **{result.get('provider', '?')}** · device **{device}** · "
              f"{result.get('threads', '?')} threads · input {result.get('image_size', '?')} px · median of "
@@ -1037,6 +1041,9 @@ def _bench_md(result: dict) -> str:
                              + (" ({:.2f}–{:.2f}×)".format(*ranges[k]) if k in ranges else "")
                              for k, v in ratios.items())
             lines.append(f"- batch {batch_size}: {text}")
+    note = allocator_note(result) if result.get("batches") else None
+    if note:
+        lines.append(f"- ⚠️ {_md(note)}")
     if not any("onnx_int8" in row for row in (result.get("batches") or {}).values()):
         lines.append("- no INT8 model: the variant was not built or lost too much accuracy (see the Export tab).")
     return "\n".join(lines)

@@ -11,19 +11,34 @@ from typing import Any
 
 import numpy as np
 
+try:
+    import resource  # Unix
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
 from core.inference import Predictor, default_threads, read_model_info
 from export.quantize import variant_path
 
 PAUSE_S = 0.2  # between engine blocks; see _time_rounds
 
 
+def _cpu_usage() -> tuple[float, float, int]:
+    """(user s, kernel s, minor page faults) of this process so far; zeros where ``resource`` is missing."""
+    if resource is None:
+        return 0.0, 0.0, 0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime, usage.ru_minflt
+
+
 def _time_rounds(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int,
-                 rounds: int) -> dict[str, list[list[float]]]:
-    """Wall times (ms) per engine and round. Engines run in blocks, alternating over ``rounds`` so slow drifts
-    in background load hit all of them alike, with a pause between blocks so one engine's idle worker threads
-    do not steal cores from the next (onnxruntime's spinning workers stay busy for up to about 60 ms after a
-    run, measured with ``time.process_time`` across a sleep)."""
+                 rounds: int) -> tuple[dict[str, list[list[float]]], dict[str, dict[str, float]]]:
+    """Wall times (ms) per engine and round, and per engine its share of CPU time spent in the kernel and its
+    minor page faults per call. Engines run in blocks, alternating over ``rounds`` so slow drifts in background
+    load hit all of them alike, with a pause between blocks so one engine's idle worker threads do not steal
+    cores from the next (onnxruntime's spinning workers stay busy for up to about 60 ms after a run, measured
+    with ``time.process_time`` across a sleep)."""
     samples: dict[str, list[list[float]]] = {name: [] for name in fns}
+    cpu = {name: [0.0, 0.0, 0] for name in fns}  # user s, kernel s, page faults over the timed calls
     per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
     for count in per_round:
         for name, fn in fns.items():
@@ -31,12 +46,18 @@ def _time_rounds(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: 
             for _ in range(warmup):
                 fn()
             times = []
+            before = _cpu_usage()
             for _ in range(count):
                 start = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - start) * 1000.0)
+            after = _cpu_usage()
+            cpu[name] = [total + a - b for total, a, b in zip(cpu[name], after, before)]
             samples[name].append(times)
-    return samples
+    stats = {name: {"kernel_share": kernel / (user + kernel) if user + kernel > 0 else 0.0,
+                    "page_faults_per_call": faults / max(repeats, 1)}
+             for name, (user, kernel, faults) in cpu.items()}
+    return samples, stats
 
 
 def _ratio(samples: dict[str, list[list[float]]], slow: str, fast: str) -> dict[str, float]:
@@ -120,18 +141,20 @@ def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] 
     results: dict[str, Any] = {"model": str(model_path), "image_size": info.image_size, "threads": threads,
                                "provider": fp32.provider, "repeats": repeats, "batches": {},
                                "timing": f"engines alternate in blocks over {max(1, min(rounds, repeats))} rounds; "
-                                         "median per engine; each ratio's range is over the rounds"}
+                                         "median per engine; each ratio's range is over the rounds",
+                               "malloc_env": {k: os.environ[k] for k in MALLOC_ENV if k in os.environ}}
     if torch_model is None:
         results["torch_skipped"] = torch_note
     try:
         for batch_size in batch_sizes:
             batch = rng.integers(0, 256, (batch_size, info.image_size, info.image_size, 3), dtype=np.uint8)
             calls = {name: (lambda run=run, batch=batch: run(batch)) for name, run in engines.items()}
-            samples = _time_rounds(calls, warmup=warmup, repeats=repeats, rounds=max(1, min(rounds, repeats)))
+            samples, stats = _time_rounds(calls, warmup=warmup, repeats=repeats,
+                                          rounds=max(1, min(rounds, repeats)))
             row: dict[str, Any] = {}
             for name, times in samples.items():
                 ms = statistics.median(sum(times, []))
-                row[name] = {"ms": ms, "images_per_s": batch_size * 1000.0 / ms}
+                row[name] = {"ms": ms, "images_per_s": batch_size * 1000.0 / ms, **stats[name]}
             ratios = {name: _ratio(samples, slow, fast) for name, slow, fast in RATIOS
                       if slow in samples and fast in samples}
             row["ratios"] = {name: value["ratio"] for name, value in ratios.items()}
@@ -145,17 +168,42 @@ def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] 
     return results
 
 
+MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
+MALLOC_HINT = ("MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=10000000000 keeps freed memory in the process "
+               "(or preload jemalloc/tcmalloc)")
+
+
+def allocator_note(results: dict[str, Any]) -> str | None:
+    """A warning when torch eager spent much of its time in the kernel: glibc malloc returns the large activation
+    buffers to the operating system after every call and torch page-faults them back in on the next one, which
+    makes it look slower than it is with a tuned allocator."""
+    worst = max((row[name].get("kernel_share", 0.0) for row in results["batches"].values()
+                 for name in ("torch", "torch_nchw") if name in row), default=0.0)
+    if worst < 0.2:
+        return None
+    return (f"torch eager spent up to {worst:.0%} of its CPU time in the kernel (page faults: glibc malloc gives its "
+            f"large buffers back to the OS after each call). {MALLOC_HINT}; rerun with that for a like-for-like "
+            "torch baseline.")
+
+
 def format_table(results: dict[str, Any]) -> str:
     lines = [f"{results['model']}  size {results['image_size']}  threads {results['threads']}  "
              f"onnxruntime on {results['provider']}  (median of {results['repeats']})",
-             f"{'batch':>5}  {'engine':<11} {'ms':>9} {'images/s':>10}"]
+             f"{'batch':>5}  {'engine':<11} {'ms':>9} {'images/s':>10} {'kernel %':>9} {'faults/call':>12}"]
     if results.get("torch_skipped"):
         lines.insert(1, f"torch eager skipped: {results['torch_skipped']}")
+    if results.get("malloc_env"):
+        lines.insert(1, "allocator settings: " + " ".join(f"{k}={v}" for k, v in results["malloc_env"].items()))
     for batch_size, row in results["batches"].items():
         for name in ENGINES:
             if name in row:
-                lines.append(f"{batch_size:>5}  {name:<11} {row[name]['ms']:>9.2f} {row[name]['images_per_s']:>10.1f}")
+                e = row[name]
+                lines.append(f"{batch_size:>5}  {name:<11} {e['ms']:>9.2f} {e['images_per_s']:>10.1f} "
+                             f"{e['kernel_share']:>9.0%} {e['page_faults_per_call']:>12.0f}")
         for name, ratio in row["ratios"].items():
             low, high = row["ratio_ranges"][name]
             lines.append(f"{batch_size:>5}  {name} = {ratio:.2f}x  (per round {low:.2f}-{high:.2f}x)")
+    note = allocator_note(results)
+    if note:
+        lines.append("note: " + note)
     return "\n".join(lines)

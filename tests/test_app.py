@@ -399,6 +399,7 @@ def test_benchmark_compares_torch_and_onnxruntime(trained, monkeypatch):
     assert "CPUExecutionProvider" in md or "ExecutionProvider" in md
     assert set(table["batch size"]) == {1, 16}
     assert {"PyTorch eager", "onnxruntime FP32"} <= set(table["engine"])
+    assert all(cell.endswith("%") for cell in table["CPU time in kernel"])
     assert fig is not None
 
 

@@ -21,7 +21,7 @@ import export.quantize as quantize
 import models
 from core.inference import FORMAT, Predictor, read_model_info
 from export.__main__ import main as cli_main
-from export.bench import benchmark, format_table
+from export.bench import allocator_note, benchmark, format_table
 from export.onnx_export import export_classifier, export_classifier_report, read_metadata
 from export.quantize import build_variants, variant_path
 from export.triton import write_triton_repository, write_triton_zip
@@ -305,11 +305,26 @@ def test_benchmark_reports_ratios(exported, tmp_path):
         for name in row["ratios"]:
             low, high = row["ratio_ranges"][name]
             assert 0 < low <= high
-    assert "onnx_fp32_vs_torch_nchw = " in format_table(results)
+        for engine in ("torch", "torch_nchw", "onnx_fp32"):
+            assert 0.0 <= row[engine]["kernel_share"] <= 1.0 and row[engine]["page_faults_per_call"] >= 0
+    table = format_table(results)
+    assert "onnx_fp32_vs_torch_nchw = " in table and "faults/call" in table
     skipped = benchmark(path, batch_sizes=(1,), repeats=1, warmup=0, run_dir=tmp_path, threads=1, print_table=False)
     assert "report.json not found" in skipped["torch_skipped"] and "torch" not in skipped["batches"][1]
     alone = benchmark(path, batch_sizes=(1,), repeats=1, warmup=0, threads=1, print_table=False)
     assert "pass --run" in alone["torch_skipped"]
+
+
+def test_allocator_note_names_the_fix_only_when_torch_page_faults():
+    def results(share):
+        engine = {"ms": 10.0, "images_per_s": 100.0, "kernel_share": share, "page_faults_per_call": 0}
+        return {"model": "m.onnx", "image_size": 32, "threads": 1, "provider": "CPU", "repeats": 1,
+                "batches": {16: {"torch": engine, "onnx_fp32": {**engine, "kernel_share": 0.0},
+                                 "ratios": {}, "ratio_ranges": {}}}}
+
+    assert allocator_note(results(0.05)) is None and "note:" not in format_table(results(0.05))
+    note = allocator_note(results(0.4))
+    assert "40%" in note and "MALLOC_MMAP_MAX_=0" in note and "note: " + note in format_table(results(0.4))
 
 
 def test_benchmark_finds_the_torch_model_in_the_run_folder(exported, tmp_path, monkeypatch):
