@@ -70,7 +70,7 @@ class TrainConfig:
     train_scratch: bool = True
     # 0: the pretrained backbone stays frozen and its features are computed once (seconds on CPU). N > 0: its
     # last N blocks train too, on augmented images and without a feature cache, like the scratch arm (minutes
-    # on CPU): worth it when the images look little like ImageNet photos.
+    # on CPU): try it when the frozen backbone's accuracy disappoints.
     unfreeze_blocks: int = 0
     # Unfrozen pretrained blocks take small steps (a tenth of the head's rate) so they keep what ImageNet taught.
     backbone_lr: float = 3e-4
