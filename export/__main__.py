@@ -101,7 +101,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from export.bench import benchmark
 
     results = benchmark(args.model, batch_sizes=tuple(args.batch), repeats=args.repeats, run_dir=args.run,
-                        threads=args.threads)
+                        threads=args.threads, tuned_malloc=args.tuned_malloc)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (default: 1 16)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, help="intra-op threads for every engine (default: physical cores)")
+    p.add_argument("--tuned-malloc", action="store_true",
+                   help="keep freed memory in the process (glibc mallopt) so torch eager does not page-fault its "
+                        "buffers in on every call: the like-for-like torch baseline")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_bench)
     return parser

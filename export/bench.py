@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import statistics
 import time
@@ -20,6 +21,19 @@ from core.inference import Predictor, default_threads, read_model_info
 from export.quantize import variant_path
 
 PAUSE_S = 0.2  # between engine blocks; see _time_rounds
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process: no ``mmap`` for large blocks and no trimming, as
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` would at start-up. Without it torch eager page-faults its
+    large activation buffers in again on every call. Process-wide and permanent: for benchmark processes only.
+    Returns False where the C library has no ``mallopt`` (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def _cpu_usage() -> tuple[float, float, int]:
@@ -104,16 +118,19 @@ def _torch_runner(torch_model: Any, threads: int
 
 def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] = (1, 16), repeats: int = 20,
               warmup: int = 3, rounds: int = 5, torch_model: Any = None, run_dir: str | os.PathLike[str] | None = None,
-              threads: int | None = None, device: str = "cpu", print_table: bool = True) -> dict[str, Any]:
+              threads: int | None = None, device: str = "cpu", tuned_malloc: bool = False,
+              print_table: bool = True) -> dict[str, Any]:
     """Median latency (ms) and throughput (images/s) per engine and batch size, and the speed-up ratios.
 
     Engines: ``torch`` (eager, CPU, the exported classifier's uint8 NHWC input; from ``torch_model`` or rebuilt
     from ``run_dir``), ``torch_nchw`` (the same network called on a contiguous NCHW float batch), ``onnx_fp32`` and
     ``onnx_int8`` (when ``<model>.int8.onnx`` exists). All get the same uint8 inputs and thread count. Without
     ``run_dir``, the model's own folder is used when it is a run folder (it holds ``report.json``).
-    Each ratio comes with its range over ``rounds`` alternating rounds.
+    Each ratio comes with its range over ``rounds`` alternating rounds. ``tuned_malloc`` calls
+    ``keep_freed_memory`` first, for a like-for-like torch baseline (see ``allocator_note``).
     """
     model_path = Path(model_path)
+    tuned = keep_freed_memory() if tuned_malloc else False
     if torch_model is None and run_dir is None and (model_path.parent / "report.json").is_file():
         run_dir = model_path.parent
     info = read_model_info(model_path)
@@ -142,7 +159,8 @@ def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] 
                                "provider": fp32.provider, "repeats": repeats, "batches": {},
                                "timing": f"engines alternate in blocks over {max(1, min(rounds, repeats))} rounds; "
                                          "median per engine; each ratio's range is over the rounds",
-                               "malloc_env": {k: os.environ[k] for k in MALLOC_ENV if k in os.environ}}
+                               "malloc_env": {k: os.environ[k] for k in MALLOC_ENV if k in os.environ},
+                               "tuned_malloc": tuned}
     if torch_model is None:
         results["torch_skipped"] = torch_note
     try:
@@ -169,8 +187,8 @@ def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] 
 
 
 MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
-MALLOC_HINT = ("MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=10000000000 keeps freed memory in the process "
-               "(or preload jemalloc/tcmalloc)")
+MALLOC_HINT = ("`python -m export bench --tuned-malloc` keeps freed memory in the process (as do "
+               "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=10000000000, or preloading jemalloc/tcmalloc)")
 
 
 def allocator_note(results: dict[str, Any]) -> str | None:
@@ -192,8 +210,10 @@ def format_table(results: dict[str, Any]) -> str:
              f"{'batch':>5}  {'engine':<11} {'ms':>9} {'images/s':>10} {'kernel %':>9} {'faults/call':>12}"]
     if results.get("torch_skipped"):
         lines.insert(1, f"torch eager skipped: {results['torch_skipped']}")
-    if results.get("malloc_env"):
-        lines.insert(1, "allocator settings: " + " ".join(f"{k}={v}" for k, v in results["malloc_env"].items()))
+    if results.get("malloc_env") or results.get("tuned_malloc"):
+        settings = [f"{k}={v}" for k, v in results.get("malloc_env", {}).items()]
+        settings += ["mallopt: no mmap, no trim"] if results.get("tuned_malloc") else []
+        lines.insert(1, "allocator settings: " + " ".join(settings))
     for batch_size, row in results["batches"].items():
         for name in ENGINES:
             if name in row:

@@ -6,6 +6,8 @@ import csv
 import json
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -325,6 +327,33 @@ def test_allocator_note_names_the_fix_only_when_torch_page_faults():
     assert allocator_note(results(0.05)) is None and "note:" not in format_table(results(0.05))
     note = allocator_note(results(0.4))
     assert "40%" in note and "MALLOC_MMAP_MAX_=0" in note and "note: " + note in format_table(results(0.4))
+
+
+def test_tuned_malloc_stops_page_faults_on_reallocation():
+    """A freed 64 MB buffer comes back without page faults once ``keep_freed_memory`` ran (glibc only)."""
+    code = (  # plain malloc/free of 64 MB, as torch's CPU allocator does (numpy would use huge pages)
+        "import ctypes, resource, sys\n"
+        "from export.bench import keep_freed_memory\n"
+        "tuned = sys.argv[1] == 'tuned' and keep_freed_memory()\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]\n"
+        "def touch():\n"
+        "    p = libc.malloc(64 << 20); ctypes.memset(p, 1, 64 << 20); libc.free(p)\n"
+        "touch()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "touch()\n"
+        "print(int(tuned), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    faults = {}
+    for mode in ("default", "tuned"):
+        proc = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1])
+        ok, count = proc.stdout.split()
+        faults[mode] = int(count)
+        if mode == "tuned" and ok != "1":
+            pytest.skip("this C library has no mallopt (not glibc)")
+    assert faults["default"] > 1_000  # 64 MB of fresh pages, faulted in again
+    assert faults["tuned"] < faults["default"] // 10
 
 
 def test_benchmark_finds_the_torch_model_in_the_run_folder(exported, tmp_path, monkeypatch):
