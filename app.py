@@ -17,6 +17,7 @@ Multi-user design (public Hugging Face Space):
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import queue
@@ -248,6 +249,7 @@ def _clean(message: str, state: dict | None = None) -> str:
 # Shared predictors: one onnxruntime session per model file, shared by every request
 # ---------------------------------------------------------------------------------------------------------------
 
+@functools.cache  # the GPU does not come or go while the server runs: probe it once, not on every request
 def _inference_device() -> str:
     """"auto" where a CUDA GPU is visible; else "cpu", so a GPU build of onnxruntime does not warn on every load."""
     return "auto" if resolve_device("auto").type == "cuda" else "cpu"
