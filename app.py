@@ -10,7 +10,7 @@ Multi-user design (public Hugging Face Space):
 - session folders are deleted when Gradio drops the session state, shortly after the tab is closed, and
   in any case when idle for 2 hours (swept whenever a new session starts);
 - training (and benchmarking) take turns in one queue (``--concurrency`` at a time, the queue shows each
-  visitor's position); predictions run concurrently through one shared ``core.inference.Predictor`` per model
+  visitor's position); predictions run concurrently through one shared ``core.runtime.predictor.Predictor`` per model
   file, cached by path and modification time.
 """
 
@@ -42,8 +42,8 @@ from core import diagnostics, plots
 from core.data import Dataset, DatasetError, load_dataset
 from core.device import describe_device, resolve_device
 from core.features import warm_up_feature_engine
-from core.images import open_rgb
-from core.inference import PredictorCache, check_model_file
+from core.runtime.images import open_rgb
+from core.runtime.predictor import PredictorCache, check_model_file
 from core.metrics import misclassified
 from core.safezip import UnsafeArchiveError, safe_extract
 from core.samples import SampleError, is_sample_spec, parse_sample_spec
@@ -930,8 +930,8 @@ def upload_model(file: Any, state: dict | None) -> tuple:
 
 def predict(state: dict | None, model_choice: str | None, image: Any, files: Any = None) -> tuple:
     """Classify one image (and/or several files). Outputs: label (top-k dict), info markdown, batch table."""
-    from core.images import ImageDecodeError
-    from core.inference import ModelFormatError
+    from core.runtime.contract import ModelFormatError
+    from core.runtime.images import ImageDecodeError
 
     state = _ensure_state(state)
     session_dir(state)  # keeps an active session from being swept as idle

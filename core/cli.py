@@ -13,12 +13,13 @@ import time
 from collections.abc import Callable, Sequence
 
 from core import __version__
-from core.data import SPLITS, Dataset, DatasetError, load_dataset
-from core.safezip import UnsafeArchiveError
+from core.data import SPLITS, Dataset, load_dataset
+from core.runtime.errors import USER_ERRORS
+from core.runtime.providers import DEVICES
 from core.samples import SAMPLES
 
-# Errors caused by user input: printed as "error: <message>" with exit code 2, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (DatasetError, UnsafeArchiveError, ValueError)
+# Errors caused by user input (core.runtime.errors) are printed as "error: <message>" with this exit code and no
+# traceback; anything else is a bug and keeps its traceback.
 EXIT_USER_ERROR = 2
 
 
@@ -117,7 +118,6 @@ def _positive_float(text: str) -> float:
 
 
 def _add_training_arguments(p: argparse.ArgumentParser) -> None:
-    from core.device import DEVICES
     from core.train import TrainConfig
 
     d = TrainConfig()
@@ -171,7 +171,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from core.benchmark import pretrained_overhead
+    from core.overhead import pretrained_overhead
 
     ds = load_dataset(args.data, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
     r = pretrained_overhead(ds, _config_from_args(args))
@@ -195,14 +195,14 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, metavar="M.onnx", help="a model.onnx exported by this project")
     p.add_argument("images", nargs="+", metavar="IMG", help="image files")
     p.add_argument("--top-k", type=int, default=3, help="labels per image (default 3)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: CUDA provider when usable, else CPU")
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from core.images import ImageDecodeError, open_rgb
-    from core.inference import Predictor
+    from core.runtime.images import ImageDecodeError, open_rgb
+    from core.runtime.predictor import Predictor
 
     predictor = Predictor(args.model, device=args.device)
     if predictor.fallback_warning:
@@ -313,19 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Input errors from every layer (DeviceError, ModelFormatError ... are ValueErrors), without importing
-    torch just to name them, so `datasets` stays fast to start."""
-    models = sys.modules.get("models")  # its only non-ValueError input error: weights missing offline
-    return USER_ERRORS + ((models.BackboneWeightsError,) if models is not None else ())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except _user_errors() as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.atomic import atomic_write
-from core.images import IMAGE_EXTENSIONS, ImageDecodeError, is_image_file, open_rgb
+from core.runtime.errors import UserError
+from core.runtime.files import atomic_write, cache_dir, sha256_file
+from core.runtime.images import IMAGE_EXTENSIONS, ImageDecodeError, is_image_file, open_rgb
 from core.safezip import find_root, is_ignored_member, safe_extract
 from core.samples import SAMPLES, SampleError, is_sample_spec, make_sample
 
@@ -29,7 +30,7 @@ _LAYOUT_HELP = (
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The dataset cannot be used as given; the message names the bad value and the fix."""
 
 
@@ -75,12 +76,13 @@ class Dataset:
             out[split] = per
         return out
 
-    def relpath(self, item: Item) -> str:
-        """Item path relative to the dataset root, with forward slashes."""
+    def relpath(self, path: Item | str | os.PathLike[str]) -> str:
+        """An item's (or a file's) path relative to the dataset root, with forward slashes."""
+        path = Path(path.path if isinstance(path, Item) else path)
         try:
-            return item.path.relative_to(self.root).as_posix()
+            return path.relative_to(self.root).as_posix()
         except ValueError:
-            return item.path.as_posix()
+            return path.as_posix()
 
     def write_manifest(self, path: str | os.PathLike[str]) -> None:
         """Write ``file,class,split,sha256`` CSV (files relative to root), atomically."""
@@ -107,22 +109,11 @@ class Dataset:
         }
 
 
-def cache_dir() -> Path:
-    """Cache folder for extracted zips and generated samples (env ``TRANSFER_LAB_CACHE``)."""
-    env = os.environ.get("TRANSFER_LAB_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "transfer-lab"
-
-
 # ---------------------------------------------------------------- source resolution
 
 
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _extract_zip(zip_path: Path, cache: Path) -> Path:
-    dest = cache / "zips" / _file_sha256(zip_path)[:16]
+    dest = cache / "zips" / sha256_file(zip_path)[:16]
     if dest.is_dir():
         return find_root(dest)
     try:
@@ -434,6 +425,5 @@ __all__ = [
     "DatasetError",
     "Item",
     "Skipped",
-    "cache_dir",
     "load_dataset",
 ]

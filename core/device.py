@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda")
+from core.runtime.errors import UserError
+from core.runtime.providers import DEVICES
 
 
-class DeviceError(ValueError):
-    pass
+class DeviceError(UserError, ValueError):
+    """The requested device does not exist or is not usable here."""
 
 
 def resolve_device(requested: str = "auto", *, cuda_available: bool | None = None) -> torch.device:

@@ -3,8 +3,8 @@
 Two engines, same contract (uint8 ``[N, H, W, 3]`` in, float32 ``[N, feature_dim]`` out):
 - ``TorchFeatureExtractor``: the backbone in ``eval()`` under ``inference_mode``; on CUDA with
   channels_last and autocast (fp16), which is where the GPU is fastest.
-- ``core.inference.OnnxFeatureExtractor``: an ONNX export of the backbone served by onnxruntime,
-  several times faster than torch eager on CPU.
+- ``core.runtime.predictor.OnnxFeatureExtractor``: an ONNX export of the backbone (built once and cached by
+  ``export.onnx_export.cached_backbone_onnx``) served by onnxruntime, several times faster than torch eager on CPU.
 ``make_feature_extractor`` picks onnxruntime on CPU and torch on CUDA, and falls back to torch with a
 warning if the ONNX path cannot be built.
 """
@@ -25,7 +25,7 @@ from models.preprocess import ImagePreprocess
 log = logging.getLogger(__name__)
 
 
-class FeatureExtractor(Protocol):
+class FeatureEngine(Protocol):
     engine: str  # e.g. "torch-cpu", "onnxruntime-CPUExecutionProvider"
 
     def extract(self, images: np.ndarray) -> np.ndarray: ...
@@ -57,15 +57,16 @@ class TorchFeatureExtractor:
 
 def make_feature_extractor(
     backbone: str, image_size: int, device: torch.device, *, engine: str = "auto"
-) -> FeatureExtractor:
+) -> FeatureEngine:
     """``engine``: "auto" (onnxruntime on CPU, torch on CUDA), "torch" or "onnxruntime"."""
     if engine not in ("auto", "torch", "onnxruntime"):
         raise ValueError(f"Unknown feature engine {engine!r}: use auto, torch or onnxruntime.")
     if engine == "onnxruntime" or (engine == "auto" and device.type == "cpu"):
         try:
-            from core.inference import OnnxFeatureExtractor
+            from core.runtime.predictor import OnnxFeatureExtractor
+            from export.onnx_export import cached_backbone_onnx  # needs torch only when the file is (re)built
 
-            return OnnxFeatureExtractor(backbone, image_size, device=device.type)
+            return OnnxFeatureExtractor(cached_backbone_onnx(backbone, image_size), device=device.type)
         except Exception as exc:  # noqa: BLE001 - any failure here has a working fallback
             if engine == "onnxruntime":
                 raise
@@ -74,7 +75,7 @@ def make_feature_extractor(
 
 
 def extract_all(
-    extractor: FeatureExtractor,
+    extractor: FeatureEngine,
     images: np.ndarray,
     *,
     batch_size: int = 32,

@@ -12,11 +12,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import plots
-from .atomic import write_json_atomic
+from .runtime.files import write_json_atomic
 from .train import CompareResult
 
 REPORT = "report.json"
@@ -61,13 +60,9 @@ def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool
 def _export(result: CompareResult, staging: Path) -> dict:
     """ONNX export of the pretrained arm, verified against PyTorch: a failed parity check raises, so the run's
     files are not moved into place (the folder keeps its earlier artifacts)."""
-    try:
-        from export.onnx_export import export_run
-    except ImportError as exc:  # pragma: no cover - export/ ships with the project
-        return {"error": f"ONNX export unavailable: {exc}"}
+    from export.runs import export_run
     report = result.report
     run = report["runs"]["pretrained"]
-    calib = _calibration_images(result)
     return export_run(
         staging,
         result.runs["pretrained"].model,
@@ -79,11 +74,5 @@ def _export(result: CompareResult, staging: Path) -> dict:
                                       "f1_macro")},
         val_images_uint8=result.val.crops,
         val_labels=result.val.labels,
-        calib_images_uint8=calib,
+        calib_images_uint8=result.train.crops,  # the calibrator picks its subset (export.quantize)
     )
-
-
-def _calibration_images(result: CompareResult, limit: int = 64) -> np.ndarray:
-    """Training-image crops for INT8 calibration (a spread across classes, at most ``limit``)."""
-    return result.train.crops[np.linspace(0, len(result.train.crops) - 1, min(limit, len(result.train.crops)),
-                                          dtype=int)]

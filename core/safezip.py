@@ -11,13 +11,15 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from core.runtime.errors import UserError
+
 _CHUNK = 1 << 20
 # Small files (e.g. a blank BMP) compress extremely well; ratios only count past this size.
 _RATIO_GRACE_BYTES = 1 << 20
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(UserError, ValueError):
     """A zip archive was refused: unsafe entry, limit exceeded, or not a readable zip."""
 
 

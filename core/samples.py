@@ -18,6 +18,8 @@ from urllib.parse import parse_qsl
 import numpy as np
 from PIL import Image, ImageDraw
 
+from core.runtime.errors import UserError
+
 SAMPLE_PREFIX = "sample:"
 COMPLETE_MARKER = ".complete"
 SHAPE_CLASSES = ("circle", "square", "triangle")
@@ -30,7 +32,7 @@ SAMPLES: dict[str, str] = {
 }
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """A sample spec or sample parameter is invalid."""
 
 

@@ -1,7 +1,7 @@
 """Training: a new head on a frozen pretrained backbone vs the same network from scratch.
 
 Read top to bottom: ``TrainConfig`` -> ``prepare_images`` (decode + resize once) -> ``train_pretrained``
-(features cached once, then the head trains on them) and ``train_scratch`` (every layer, with augmentation;
+(features cached once, then the head trains on them) and ``train_from_scratch`` (every layer, with augmentation;
 ``train_finetune`` trains the last blocks of the pretrained backbone the same way) -> ``summarize_run`` (best
 epoch, scikit-learn metrics, verdict). ``run_compare`` drives both arms on one split and adds the pitfall
 diagnostics; ``core.report`` writes the artifacts.
@@ -32,11 +32,15 @@ from . import diagnostics
 from .data import Dataset
 from .device import resolve_device
 from .features import extract_all, make_feature_extractor
-from .images import open_rgb
 from .metrics import classification_metrics, misclassified, verdict
-from .preprocess import center_crop, resize_shorter
+from .runtime.errors import UserError
+from .runtime.images import center_crop, open_rgb, resize_shorter
 
 ARMS = ("pretrained", "scratch")
+
+
+class ConfigError(UserError, ValueError):
+    """A training setting is unknown or out of range; the message names the key, the value and the valid range."""
 
 
 @dataclass
@@ -80,27 +84,27 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"Unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(sorted(known))}.")
+            raise ConfigError(f"Unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(sorted(known))}.")
         return cls(**values).validated()
 
     def validated(self) -> TrainConfig:
         models.get_backbone_spec(self.backbone)  # raises with the valid names and a suggestion
         if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}.")
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}.")
         if self.budget_seconds is not None and self.budget_seconds <= 0:
-            raise ValueError(f"budget_seconds must be positive (or None for no budget), got {self.budget_seconds}.")
+            raise ConfigError(f"budget_seconds must be positive (or None for no budget), got {self.budget_seconds}.")
         if self.image_size is not None and not 32 <= self.image_size <= 512:
-            raise ValueError(f"image_size must be between 32 and 512 pixels, got {self.image_size}.")
+            raise ConfigError(f"image_size must be between 32 and 512 pixels, got {self.image_size}.")
         if not 0 < self.target_accuracy <= 1:
-            raise ValueError(f"target_accuracy is a fraction in (0, 1], got {self.target_accuracy}.")
+            raise ConfigError(f"target_accuracy is a fraction in (0, 1], got {self.target_accuracy}.")
         if self.views not in (1, 2):
-            raise ValueError(f"views must be 1 or 2, got {self.views}.")
+            raise ConfigError(f"views must be 1 or 2, got {self.views}.")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}.")
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}.")
         if self.unfreeze_blocks:
             blocks = models.block_count(self.backbone)
             if not 0 <= self.unfreeze_blocks <= blocks:
-                raise ValueError(f"unfreeze_blocks must be between 0 (frozen backbone, cached features) and "
+                raise ConfigError(f"unfreeze_blocks must be between 0 (frozen backbone, cached features) and "
                                  f"{blocks} ({self.backbone} has {blocks} blocks), got {self.unfreeze_blocks}.")
         return self
 
@@ -301,7 +305,7 @@ def _track_batchnorm_faster(module: torch.nn.Module) -> None:
             m.momentum = 0.1
 
 
-def train_scratch(cfg: TrainConfig, classes: list[str], train: PreparedImages, val: PreparedImages,
+def train_from_scratch(cfg: TrainConfig, classes: list[str], train: PreparedImages, val: PreparedImages,
                   test: PreparedImages | None, device: torch.device, callbacks: Callbacks) -> RunResult:
     gen = _seed_everything(cfg.seed)
     model = models.build_classifier(cfg.backbone, len(classes), pretrained=False)
@@ -477,7 +481,8 @@ def run_compare(dataset: Dataset, cfg: TrainConfig | None = None, callbacks: Cal
     test = _subset(prepared, n_tr + n_va, len(all_items)) if test_items else None
 
     results: dict[str, RunResult] = {}
-    trainers = {"pretrained": train_finetune if cfg.unfreeze_blocks else train_pretrained, "scratch": train_scratch}
+    trainers = {"pretrained": train_finetune if cfg.unfreeze_blocks else train_pretrained,
+                "scratch": train_from_scratch}
     for arm in arms:
         results[arm] = trainers[arm](cfg, classes, train, val, test, device, callbacks)
 
@@ -512,10 +517,9 @@ def _diagnostics(dataset: Dataset, classes, train, val, test, results: dict[str,
     train_features, other_features = (features["train"], features["other"]) if features else (None, None)
     other_files = val.files + (test.files if test is not None else [])
     other_hashes = val.hashes + (test.hashes if test is not None else [])
-    root = str(dataset.root)
 
     def rel(files: list[str]) -> list[str]:
-        return [f[len(root) + 1:] if f.startswith(root + "/") else f for f in files]
+        return [dataset.relpath(f) for f in files]
 
     return {
         "imbalance": diagnostics.imbalance(train_counts, val.labels, runs[main_arm], classes),

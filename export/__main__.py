@@ -3,65 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-MAX_CALIBRATION_IMAGES = 64
-
-
-def load_run_images(run_dir: Path, report: dict[str, Any], splits: tuple[str, ...], *, data_root: Path | None = None,
-                    limit: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Prepared uint8 images and label indices of the first of ``splits`` present in ``manifest.csv``."""
-    import models
-    from core.images import ImageDecodeError, open_rgb
-    from core.preprocess import to_array
-
-    manifest = run_dir / "manifest.csv"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest} not found; it is written by `python -m core compare`.")
-    classes = report["dataset"]["classes"]
-    root_text = data_root or report["dataset"].get("root")
-    if not root_text:
-        raise ValueError(f"{run_dir / 'report.json'} has no dataset.root; pass --data PATH to the image folder.")
-    root = Path(root_text)
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder {root} (from report.json) does not exist; pass --data PATH to "
-                                "where the images are now.")
-    with open(manifest, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    chosen: list[dict[str, str]] = []
-    for split in splits:
-        chosen = [r for r in rows if r.get("split") == split]
-        if chosen:
-            break
-    if limit is not None and len(chosen) > limit:
-        keep = np.sort(np.random.default_rng(seed).choice(len(chosen), limit, replace=False))
-        chosen = [chosen[i] for i in keep]
-    image_size = int(report["image_size"])
-    spec = models.get_backbone_spec(report["backbone"])
-    images, labels, failed = [], [], 0
-    for row in chosen:
-        try:
-            image = open_rgb(root / row["file"])
-        except (ImageDecodeError, OSError):
-            failed += 1
-            continue
-        images.append(to_array(image, image_size, spec.resize_for(image_size), spec.interpolation))
-        labels.append(classes.index(row["class"]))
-    if failed:
-        print(f"warning: skipped {failed} unreadable images of split {splits[0]!r} under {root}", file=sys.stderr)
-    if not images:
-        return np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros(0, np.int64)
-    return np.stack(images), np.asarray(labels, dtype=np.int64)
+from core.runtime.errors import USER_ERRORS
+from export.errors import ExportError
 
 
 def cmd_onnx(args: argparse.Namespace) -> int:
-    from export.onnx_export import export_run, load_run_classifier, report_key, write_json_atomic
+    from core.runtime.files import write_json_atomic
+    from export.quantize import MAX_CALIBRATION_IMAGES
+    from export.runs import export_run, load_run_classifier, load_run_images, report_key
 
     run_dir = Path(args.run)
     classifier, report = load_run_classifier(run_dir, args.arm)
@@ -146,9 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:  # ModelFormatError, ParityError, ... included
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {message}", file=sys.stderr)
+    except (*USER_ERRORS, ExportError) as exc:  # ExportError: the message says what failed and what to report
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

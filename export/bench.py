@@ -17,8 +17,9 @@ try:
 except ImportError:  # pragma: no cover - Windows
     resource = None
 
-from core.inference import Predictor, default_threads, read_model_info
-from export.quantize import variant_path
+from core.runtime.predictor import Predictor, read_model_info
+from core.runtime.providers import default_threads
+from export.variants import variant_path
 
 PAUSE_S = 0.2  # between engine blocks; see _time_rounds
 
@@ -96,10 +97,9 @@ def _torch_runner(torch_model: Any, threads: int
                   ) -> tuple[Callable[[np.ndarray], object], Callable[[np.ndarray], object], Callable[[], None]]:
     import torch
 
-    from models.preprocess import ImageClassifier
+    from export.verify import torch_reference
 
-    module = torch_model if isinstance(torch_model, ImageClassifier) else ImageClassifier(torch_model)
-    module = module.to("cpu").eval()
+    module = torch_reference(torch_model).to("cpu").eval()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
 
@@ -137,7 +137,7 @@ def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] 
     threads = threads or default_threads()
     torch_note = None if torch_model is not None else "no PyTorch model given (pass --run RUN_DIR)"
     if torch_model is None and run_dir is not None:
-        from export.onnx_export import load_run_classifier
+        from export.runs import load_run_classifier
 
         try:
             torch_model, _ = load_run_classifier(run_dir, info.training_mode or "pretrained")

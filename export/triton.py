@@ -8,7 +8,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from core.inference import INPUT_NAME, read_model_info
+from core.runtime.contract import INPUT_NAME, OUTPUT_NAMES
+from core.runtime.predictor import read_model_info
+from export.variants import VARIANTS
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_GPU", "KIND_CPU")
@@ -32,12 +34,12 @@ input [
 ]
 output [
   {{
-    name: "logits"
+    name: "{OUTPUT_NAMES[0]}"
     data_type: TYPE_FP32
     dims: [ {num_classes} ]
   }},
   {{
-    name: "probabilities"
+    name: "{OUTPUT_NAMES[1]}"
     data_type: TYPE_FP32
     dims: [ {num_classes} ]
     label_filename: "labels.txt"
@@ -54,8 +56,10 @@ instance_group [
 
 def write_triton_repository(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                             model_name: str | None = None, max_batch_size: int = 32, instance_count: int = 1,
-                            instance_kind: str = "KIND_AUTO") -> Path:
+                            instance_kind: str | None = None) -> Path:
     """Write ``<out>/<name>/{config.pbtxt, labels.txt, 1/model.onnx}``; return ``<out>/<name>``.
+
+    ``instance_kind`` defaults to the model variant's (``export.variants``): INT8 on CPU, FP16 on GPU, FP32 either.
 
     Clients send uint8 RGB images already resized + centre-cropped as the model's ``resize_rule`` says.
     """
@@ -72,6 +76,8 @@ def write_triton_repository(model_path: str | os.PathLike[str], out_dir: str | o
     bad = [c for c in info.classes if "\n" in c or "\r" in c]
     if bad:
         raise ValueError(f"class names {bad!r} contain line breaks and cannot be written to labels.txt.")
+    if instance_kind is None:
+        instance_kind = VARIANTS[info.variant].triton_kind if info.variant in VARIANTS else "KIND_AUTO"
     config = triton_config(name, image_size=info.image_size, num_classes=info.num_classes,
                            max_batch_size=max_batch_size, instance_count=instance_count, instance_kind=instance_kind)
     model_dir = Path(out_dir) / name

@@ -1,4 +1,4 @@
-"""Check an exported graph against PyTorch, and measure the accuracy of ONNX variants."""
+"""Check an exported graph against PyTorch: the same uint8 images through onnxruntime and torch eager."""
 
 from __future__ import annotations
 
@@ -11,17 +11,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from core.runtime.contract import INPUT_NAME
+from core.runtime.images import check_batch
+from core.runtime.providers import CPU
 from models.preprocess import ImageClassifier
-
-CPU = "CPUExecutionProvider"
-
-
-class ParityError(RuntimeError):
-    """onnxruntime and PyTorch disagree on an exported model; ``report`` holds the measurements."""
-
-    def __init__(self, message: str, report: dict[str, Any]):
-        super().__init__(message)
-        self.report = report
 
 
 def cpu_session(path: str | os.PathLike[str], *, providers: Sequence[str] = (CPU,)) -> ort.InferenceSession:
@@ -32,7 +25,7 @@ def cpu_session(path: str | os.PathLike[str], *, providers: Sequence[str] = (CPU
 def run_onnx(session: ort.InferenceSession, images: np.ndarray, *, output: str = "probabilities",
              batch_size: int = 32) -> np.ndarray:
     """Run ``images`` (uint8 NHWC) through ``session`` in batches and return ``output``."""
-    parts = [session.run([output], {"image": np.ascontiguousarray(images[i:i + batch_size])})[0]
+    parts = [session.run([output], {INPUT_NAME: np.ascontiguousarray(images[i:i + batch_size])})[0]
              for i in range(0, len(images), batch_size)]
     return np.concatenate(parts)
 
@@ -55,14 +48,6 @@ def torch_outputs(module: nn.Module, images: np.ndarray, *, batch_size: int = 32
     finally:
         module.train(was_training)
     return np.concatenate(parts)
-
-
-def _check_images(images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
-        raise ValueError(f"parity images must be a non-empty uint8 array [N, H, W, 3], got {images.dtype} "
-                         f"{images.shape}.")
-    return images
 
 
 def compare_outputs(expected: np.ndarray, actual: np.ndarray, *, atol: float, provider: str,
@@ -91,19 +76,8 @@ def check_parity(onnx_path: str | os.PathLike[str], classifier: nn.Module, image
     Returns {"max_abs_diff_probabilities", "top1_agreement", "n_images", "provider", "atol", "passed"};
     ``passed`` requires the largest probability difference <= ``atol`` and the same top-1 class (ties aside).
     """
-    images = _check_images(images_uint8_nhwc)
+    images = check_batch(images_uint8_nhwc, what="parity images")
     session = cpu_session(onnx_path, providers=[provider])
     actual = run_onnx(session, images)
     expected = torch_outputs(torch_reference(classifier), images)
     return compare_outputs(expected, actual, atol=atol, provider=session.get_providers()[0])
-
-
-def evaluate_onnx(path: str | os.PathLike[str], images: np.ndarray, labels: Sequence[int] | np.ndarray, *,
-                  providers: Sequence[str] = (CPU,), batch_size: int = 32) -> float:
-    """Top-1 accuracy of an exported classifier on prepared uint8 images ``[N, S, S, 3]`` and integer labels."""
-    labels = np.asarray(labels)
-    images = _check_images(images)
-    if len(labels) != len(images):
-        raise ValueError(f"got {len(images)} images but {len(labels)} labels; pass one label per image.")
-    probs = run_onnx(cpu_session(path, providers=providers), images, batch_size=batch_size)
-    return float(np.mean(probs.argmax(1) == labels))

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from core.runtime.errors import UserError
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -63,11 +65,11 @@ class BackboneSpec:
         }
 
 
-class UnknownBackboneError(ValueError):
-    pass
+class UnknownBackboneError(UserError, ValueError):
+    """No backbone of that name is registered; the message lists the valid names."""
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(UserError, RuntimeError):
     """Pretrained weights could not be obtained (typically: offline and not cached)."""
 
 

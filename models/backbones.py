@@ -15,7 +15,7 @@ from ._registry import BackboneSpec, BackboneWeightsError, register_backbone
 from .efficientnet_lite import HEAD_CHANNELS, efficientnet_lite0
 
 
-class FeatureExtractor(nn.Module):
+class BackboneFeatures(nn.Module):
     """Wraps a classification network whose final layer was replaced by ``Identity``: output = pooled features."""
 
     def __init__(self, net: nn.Module, forward_name: str = "forward"):
@@ -35,7 +35,7 @@ def _lite0_blocks(features: nn.Module) -> list[nn.Module]:
 def _build_lite0(pretrained: bool) -> nn.Module:
     net = efficientnet_lite0(pretrained=pretrained)
     net.classifier = nn.Identity()  # the ImageNet head was loaded (strictly) and is now dropped
-    return FeatureExtractor(net, "forward_features")
+    return BackboneFeatures(net, "forward_features")
 
 
 register_backbone(
@@ -75,7 +75,7 @@ def _build_torchvision(arch: str, weights_name: str, head_attr: str, pretrained:
             f"ship with the requirements and work offline."
         ) from exc
     setattr(net, head_attr, nn.Identity())
-    return FeatureExtractor(net)
+    return BackboneFeatures(net)
 
 
 def _resnet_blocks(features: nn.Module) -> list[nn.Module]:

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from core.data import DatasetError, Item, load_dataset
-from core.images import IMAGE_EXTENSIONS, ImageDecodeError, open_rgb, sha256_file
+from core.runtime.files import sha256_file
+from core.runtime.images import IMAGE_EXTENSIONS, ImageDecodeError, open_rgb
 from core.safezip import UnsafeArchiveError, safe_extract
 from core.samples import (
     SAMPLES,

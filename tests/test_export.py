@@ -19,15 +19,18 @@ import torch
 from PIL import Image
 
 import export.onnx_export as onnx_export
-import export.quantize as quantize
+import export.runs as runs
+import export.variants as variants
 import models
-from core.inference import FORMAT, Predictor, read_model_info
+from core.runtime.contract import FORMAT, read_metadata
+from core.runtime.predictor import Predictor, read_model_info
 from export.__main__ import main as cli_main
 from export.bench import allocator_note, benchmark, format_table
-from export.onnx_export import export_classifier, export_classifier_report, read_metadata
-from export.quantize import build_variants, variant_path
+from export.errors import ParityError
+from export.onnx_export import export_classifier
 from export.triton import write_triton_repository, write_triton_zip
-from export.verify import ParityError, check_parity, evaluate_onnx
+from export.variants import build_variants, evaluate_onnx, variant_path
+from export.verify import check_parity
 
 SIZE = 64
 CLASSES = ["cat", "dog", "fox"]
@@ -54,7 +57,7 @@ def make_images(n: int, size: int = SIZE, seed: int = 0) -> np.ndarray:
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, models.Classifier, dict]:
     classifier = make_classifier()
     path = tmp_path_factory.mktemp("export") / "model.onnx"
-    result = export_classifier_report(classifier, path, image_size=SIZE, classes=CLASSES, training_mode="pretrained",
+    result = export_classifier(classifier, path, image_size=SIZE, classes=CLASSES, training_mode="pretrained",
                                       metrics={"val_accuracy": 0.75}, parity_images=make_images(8))
     return path, classifier, result
 
@@ -212,8 +215,8 @@ def test_int8_variant_is_built_and_judged_by_tolerance(exported, tmp_path):
 def test_tolerance_rule(exported, tmp_path, monkeypatch, variant_accuracy, tolerance, accepted):
     path = tmp_path / "model.onnx"
     shutil.copyfile(exported[0], path)
-    monkeypatch.setattr(quantize, "_build", lambda variant, src, tmp, calib: shutil.copyfile(src, tmp))
-    monkeypatch.setattr(quantize, "evaluate_onnx",
+    monkeypatch.setattr(variants, "_build", lambda variant, src, tmp, calib: shutil.copyfile(src, tmp))
+    monkeypatch.setattr(variants, "evaluate_onnx",
                         lambda p, images, labels, **kw: 0.90 if Path(p) == path else variant_accuracy)
     (record,) = build_variants(path, None, make_images(4), [0, 1, 2, 0], tolerance=tolerance, variants=("int8",))
     assert record["accepted"] is accepted
@@ -366,7 +369,7 @@ def test_benchmark_finds_the_torch_model_in_the_run_folder(exported, tmp_path, m
         seen.append((Path(run_dir), mode))
         raise ValueError("no weights here")
 
-    monkeypatch.setattr(onnx_export, "load_run_classifier", fake_load)
+    monkeypatch.setattr(runs, "load_run_classifier", fake_load)
     results = benchmark(path, batch_sizes=(1,), repeats=1, warmup=0, threads=1, print_table=False)
     assert seen == [(tmp_path, "pretrained")]
     assert results["torch_skipped"] == "PyTorch model not rebuilt: no weights here"

@@ -18,20 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-import core.inference as inference
+import core.runtime.predictor as predictor_module
+import core.runtime.providers as providers
 import models
-from core.inference import (
-    CPU,
-    CUDA,
-    TENSORRT,
-    ModelFormatError,
-    OnnxFeatureExtractor,
-    Predictor,
-    default_threads,
-    select_providers,
-)
-from core.preprocess import resize_and_crop
-from export.onnx_export import export_classifier
+from core.runtime.contract import ModelFormatError
+from core.runtime.images import resize_and_crop
+from core.runtime.predictor import OnnxFeatureExtractor, Predictor
+from core.runtime.providers import CPU, CUDA, TENSORRT, default_threads, select_providers
+from export.onnx_export import cached_backbone_onnx, export_classifier
 from models.preprocess import ImageClassifier, ImagePreprocess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +197,7 @@ def test_tensorrt_needs_the_env_opt_in(monkeypatch):
 
 
 def test_cuda_requested_without_cuda_warns_and_runs_on_cpu(model, monkeypatch):
-    monkeypatch.setattr(inference.ort, "get_available_providers", lambda: [CPU])
+    monkeypatch.setattr(providers.ort, "get_available_providers", lambda: [CPU])
     with pytest.warns(RuntimeWarning, match="CUDA was requested.*onnxruntime-gpu"):
         predictor = Predictor(model[0], device="cuda")
     assert predictor.provider == CPU
@@ -216,7 +210,7 @@ def test_auto_warns_only_when_available_cuda_could_not_start(model):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         predictor = Predictor(model[0])
-    from core.inference import nvidia_gpu_visible
+    from core.runtime.providers import nvidia_gpu_visible
 
     fell_back = CUDA in available and nvidia_gpu_visible() and predictor.provider == CPU
     assert (predictor.fallback_warning is not None) == fell_back
@@ -233,19 +227,19 @@ def test_device_cpu_never_warns(model):
 
 @pytest.mark.parametrize("spin", [False, True])
 def test_thread_settings_reach_the_session(model, spin):
-    session, _ = inference.create_session(model[0], "cpu", intra_op_threads=1, spin=spin)
+    session, _ = providers.create_session(model[0], "cpu", intra_op_threads=1, spin=spin)
     options = session.get_session_options()
     assert options.intra_op_num_threads == 1
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
     with pytest.raises(ValueError, match="intra_op_threads must be >= 1"):
-        inference.create_session(model[0], "cpu", intra_op_threads=0)
+        providers.create_session(model[0], "cpu", intra_op_threads=0)
 
 
 def test_predictor_cache_shares_reloads_and_evicts(model, tmp_path):
     path = tmp_path / "served" / "model.onnx"
     path.parent.mkdir()
     shutil.copyfile(model[0], path)
-    cache = inference.PredictorCache(capacity=2)
+    cache = predictor_module.PredictorCache(capacity=2)
     first = cache.get(path, "cpu")
     assert cache.get(path, "cpu") is first and cache.loads == 1
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # the file was replaced
@@ -256,11 +250,11 @@ def test_predictor_cache_shares_reloads_and_evicts(model, tmp_path):
 
 
 def test_check_model_file_runs_the_model_in_a_child_process(model, tmp_path):
-    good = inference.check_model_file(model[0])
+    good = predictor_module.check_model_file(model[0])
     assert good["ok"] and good["classes"] == list(Predictor(model[0], device="cpu").classes)
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x08\x01garbage")
-    bad = inference.check_model_file(junk)
+    bad = predictor_module.check_model_file(junk)
     assert not bad["ok"] and bad["error"]
 
 
@@ -280,7 +274,7 @@ def test_cuda_predictions_match_cpu(model, predictor):
 
 
 def test_import_does_not_load_torch_or_gradio():
-    code = ("import sys, core.inference; bad = [m for m in ('torch', 'gradio', 'models', 'export') "
+    code = ("import sys, core.runtime.predictor; bad = [m for m in ('torch', 'gradio', 'models', 'export') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
@@ -304,7 +298,7 @@ def test_standalone_example_runs_without_torch_or_the_project(model, predictor, 
 
 def test_onnx_feature_extractor_matches_torch_and_is_cached(lab_cache):
     size = 32
-    extractor = OnnxFeatureExtractor(BACKBONE, size, device="cpu")
+    extractor = OnnxFeatureExtractor(cached_backbone_onnx(BACKBONE, size), device="cpu")
     path = lab_cache / "onnx" / f"{BACKBONE}-{size}.onnx"
     assert extractor.model_path == path and path.exists() and extractor.provider == CPU
     mtime = path.stat().st_mtime_ns
@@ -316,14 +310,14 @@ def test_onnx_feature_extractor_matches_torch_and_is_cached(lab_cache):
         expected = backbone(ImagePreprocess(spec.mean, spec.std)(torch.from_numpy(images))).numpy()
     assert features.shape == (3, spec.feature_dim) and features.dtype == np.float32
     np.testing.assert_allclose(features, expected, atol=1e-3 * max(1.0, float(np.abs(expected).max())))
-    again = OnnxFeatureExtractor(BACKBONE, size, device="cpu")
+    again = OnnxFeatureExtractor(cached_backbone_onnx(BACKBONE, size), device="cpu")
     assert again.model_path == path and path.stat().st_mtime_ns == mtime
     with pytest.raises(ModelFormatError, match="feature extractor"):
         Predictor(path, device="cpu")
 
 
 def test_auto_skips_gpu_providers_when_no_gpu_is_visible():
-    from core.inference import usable_providers
+    from core.runtime.providers import usable_providers
 
     listed = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert usable_providers(listed, "auto", gpu_visible=False) == ["CPUExecutionProvider"]

@@ -13,7 +13,7 @@ from core import diagnostics
 from core.data import load_dataset
 from core.features import TorchFeatureExtractor
 from core.metrics import classification_metrics, verdict
-from core.preprocess import to_array
+from core.runtime.images import to_array
 from core.report import write_run
 from core.train import Callbacks, TrainConfig, TrainingCancelled, run_compare, speedup, time_to_target
 from models.preprocess import ImagePreprocess
@@ -224,8 +224,8 @@ def test_verdict_rule_of_thumb():
 
 
 def test_eval_pixels_match_the_export_rule(tiny_result):
-    """Training crops are exactly what ``core.preprocess.to_array`` gives the exported model's caller."""
-    from core.images import open_rgb
+    """Training crops are exactly what ``core.runtime.images.to_array`` gives the exported model's caller."""
+    from core.runtime.images import open_rgb
 
     spec = models.get_backbone_spec("efficientnet_lite0")
     first = tiny_result.val.files[0]

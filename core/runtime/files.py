@@ -1,7 +1,9 @@
-"""Atomic file writes: a temp file beside the target, moved into place with ``os.replace`` on success."""
+"""Files: atomic writes (a temp file beside the target, moved into place with ``os.replace``), the cache folder,
+and file hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -12,6 +14,27 @@ from typing import Any
 
 import numpy as np
 
+CACHE_ENV = "TRANSFER_LAB_CACHE"
+
+
+def cache_dir() -> Path:
+    """Cache folder for extracted zips, generated samples, backbone graphs and TensorRT engines (env
+    ``TRANSFER_LAB_CACHE``, default ``~/.cache/transfer-lab``)."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "transfer-lab"
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def temp_path(path: str | os.PathLike[str]) -> Path:
+    """A hidden, unique temp file name beside ``path`` (same folder, so ``os.replace`` onto ``path`` is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
 
 def atomic_write(path: str | os.PathLike[str], produce: Callable[[Path], Any]) -> Any:
     """Call ``produce(tmp)`` to write (and check) a temp file beside ``path``, then move it into place.
@@ -20,7 +43,7 @@ def atomic_write(path: str | os.PathLike[str], produce: Callable[[Path], Any]) -
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = temp_path(path)
     try:
         result = produce(tmp)
         os.replace(tmp, path)

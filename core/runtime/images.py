@@ -1,8 +1,13 @@
-"""Robust image decoding: every supported file becomes a fully loaded RGB image or a clear error."""
+"""Images: every supported file becomes a fully loaded RGB image or a clear error, then the out-of-graph half of
+preprocessing (resize the shorter side, centre-crop, uint8 RGB).
+
+Every consumer (training, evaluation, the ONNX ``Predictor``, the standalone example in ``export/``) applies exactly
+this rule, with Pillow, so the same image gives the same pixels everywhere. The in-graph half (cast, normalise,
+channels first) is ``models.preprocess``.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from pathlib import Path
@@ -11,6 +16,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from core.runtime.errors import UserError
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 _WHITE = (255, 255, 255, 255)
@@ -18,7 +25,7 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _HIGH_BIT_MODES = {"I", "F"}
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError, ValueError):
     """An image file could not be decoded; ``reason`` is a short human explanation."""
 
     def __init__(self, reason: str, path: str | os.PathLike[str] | None = None) -> None:
@@ -30,12 +37,6 @@ class ImageDecodeError(ValueError):
 def is_image_file(path: str | os.PathLike[str]) -> bool:
     """True when the file name has a supported image extension (case-insensitive)."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _scale_to_uint8(im: Image.Image) -> Image.Image:
@@ -139,3 +140,72 @@ def open_rgb(source: str | os.PathLike[str] | BinaryIO) -> Image.Image:
     if rgb.mode != "RGB":  # defensive: to_rgb always returns RGB
         rgb = rgb.convert("RGB")
     return rgb
+
+
+ImageInput = Image.Image | str | os.PathLike[str] | np.ndarray
+
+
+def as_rgb(image: ImageInput) -> Image.Image:
+    """A PIL image, an image file or a uint8 array (grey, RGB or RGBA) as an RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, (str, os.PathLike)):
+        return open_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(f"image arrays must be uint8 RGB (0-255), got dtype {image.dtype}; convert with "
+                             "np.clip(x * 255, 0, 255).round().astype(np.uint8) for [0, 1] floats.")
+        if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4)):
+            return to_rgb(Image.fromarray(image))
+        raise ValueError(f"image arrays must be HxW (grey), HxWx3 (RGB) or HxWx4 (RGBA), got shape {image.shape}.")
+    raise TypeError(f"expected a PIL image, a file path or a uint8 numpy array, got {type(image).__name__}.")
+
+
+# ---------------------------------------------------------------- the resize + centre-crop rule
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def resize_shorter(image: Image.Image, resize_size: int, interpolation: str = "bilinear") -> Image.Image:
+    """Resize so the shorter side is ``resize_size``, keeping the aspect ratio."""
+    if interpolation not in _RESAMPLE:
+        raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
+    w, h = image.size
+    scale = resize_size / min(w, h)
+    size = (max(resize_size, round(w * scale)), max(resize_size, round(h * scale)))
+    return image.convert("RGB").resize(size, _RESAMPLE[interpolation])
+
+
+def center_crop(array: np.ndarray, image_size: int) -> np.ndarray:
+    """Centre ``image_size`` square of an ``[H, W, 3]`` array (H, W >= image_size)."""
+    h, w = array.shape[:2]
+    top, left = (h - image_size) // 2, (w - image_size) // 2
+    return array[top : top + image_size, left : left + image_size]
+
+
+def to_array(image: Image.Image, image_size: int, resize_size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """The full rule as a ``[image_size, image_size, 3]`` uint8 array."""
+    resized = np.asarray(resize_shorter(image, resize_size, interpolation), dtype=np.uint8)
+    return np.ascontiguousarray(center_crop(resized, image_size))
+
+
+def resize_and_crop(image: Image.Image, image_size: int, resize_size: int,
+                    interpolation: str = "bilinear") -> Image.Image:
+    """The full rule as a Pillow image."""
+    return Image.fromarray(to_array(image, image_size, resize_size, interpolation))
+
+
+def check_batch(images: np.ndarray, size: int | None = None, *, what: str = "images",
+                allow_empty: bool = False) -> np.ndarray:
+    """Prepared images as a contiguous uint8 ``[N, S, S, 3]`` array (one ``[S, S, 3]`` image becomes N = 1);
+    ``size`` pins S. Raises ValueError naming what was expected and how to prepare images."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    side = size if size is not None else (images.shape[1] if images.ndim == 4 else None)
+    if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (side, side, 3)
+            or (len(images) == 0 and not allow_empty)):
+        expected = f"[N, {side}, {side}, 3]" if size is not None else "[N, S, S, 3]"
+        raise ValueError(f"{what} must be a {'' if allow_empty else 'non-empty '}uint8 array {expected}, got "
+                         f"{images.dtype} {images.shape}. Prepare them with core.runtime.images.to_array().")
+    return np.ascontiguousarray(images)

@@ -15,14 +15,14 @@ import models
 from .data import Dataset
 from .device import resolve_device
 from .features import extract_all, make_feature_extractor
-from .train import Callbacks, TrainConfig, prepare_images, run_compare
+from .train import Callbacks, ConfigError, TrainConfig, prepare_images, run_compare
 
 
 def pretrained_overhead(dataset: Dataset, cfg: TrainConfig, *, repeats: int = 2) -> dict:
     """Best of ``repeats`` alternating runs of each, so a busy machine penalises both sides alike."""
     cfg = cfg.validated()
     if cfg.unfreeze_blocks:
-        raise ValueError("the overhead benchmark times the frozen-backbone arm (features cached once); "
+        raise ConfigError("the overhead benchmark times the frozen-backbone arm (features cached once); "
                          f"run it without unfreezing blocks (got unfreeze_blocks={cfg.unfreeze_blocks}).")
     device = resolve_device(cfg.device)
     size = cfg.resolved_image_size(device)

@@ -1,0 +1,187 @@
+"""The ONNX contract: what every exported ``.onnx`` file of this project is, and the metadata it carries.
+
+Graph input ``image``: uint8 RGB ``[N, H, W, 3]``, already resized and centre-cropped by the rule written in the
+metadata (``core.runtime.images``). Outputs: ``logits`` and ``probabilities`` for a classifier, ``features`` for a
+backbone. ``metadata_props`` (all strings): ``format``, ``kind``, ``image_size``, ``resize_size``, ``interpolation``,
+``resize_rule``, ``backbone``, ``variant``, ``project_version``, and ``classes``/``training_mode``/``metrics`` or
+``feature_dim``. Written by ``model_metadata`` + ``set_metadata``, read back by ``parse_metadata``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core import __version__
+from core.runtime.errors import UserError
+
+FORMAT = "transfer-lab/1"
+FORMAT_PREFIX = "transfer-lab/"
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logits", "probabilities")
+FEATURES_OUTPUT = "features"
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+EXPORT_HINT = "Export a trained run with `python -m export onnx --run RUN_DIR`."
+_REQUIRED_KEYS = ("format", "image_size", "resize_size", "interpolation")
+
+
+class ModelFormatError(UserError, ValueError):
+    """The file is not a usable transfer-lab ONNX model; the message says what was expected."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an exported model's metadata says about itself."""
+
+    path: Path
+    kind: str  # "classifier" | "features"
+    image_size: int
+    resize_size: int
+    interpolation: str
+    classes: tuple[str, ...] = ()
+    backbone: str = ""
+    training_mode: str = ""
+    variant: str = "fp32"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    project_version: str = ""
+    format: str = FORMAT
+    resize_rule: str = ""
+    feature_dim: int | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def bad_model(path: Path, problem: str) -> ModelFormatError:
+    return ModelFormatError(f"{path}: {problem}")
+
+
+def _int_key(meta: Mapping[str, str], key: str, path: Path) -> int:
+    try:
+        value = int(meta[key])
+    except (KeyError, ValueError):
+        got = meta.get(key)
+        raise bad_model(path, f"metadata {key!r} must be a positive integer, got {got!r}. {EXPORT_HINT}") from None
+    if value <= 0:
+        raise bad_model(path, f"metadata {key!r} must be a positive integer, got {value}. {EXPORT_HINT}")
+    return value
+
+
+def parse_metadata(meta: Mapping[str, str], path: str | os.PathLike[str]) -> ModelInfo:
+    """Validate an exported model's ``metadata_props`` and return them typed; raise ``ModelFormatError``."""
+    path = Path(path)
+    fmt = meta.get("format")
+    if fmt is None:
+        raise bad_model(
+            path,
+            "this ONNX model was not exported by transfer-lab: its metadata has no 'format' entry "
+            f"(expected {FORMAT!r} with 'classes', 'image_size', 'resize_size' and 'interpolation'). {EXPORT_HINT}",
+        )
+    if not fmt.startswith(FORMAT_PREFIX):
+        raise bad_model(path, f"metadata 'format' is {fmt!r}, expected {FORMAT!r}. {EXPORT_HINT}")
+    if fmt != FORMAT:
+        raise bad_model(path, f"model format {fmt!r} is not supported by this version (reads {FORMAT!r}); "
+                         "upgrade transfer-lab or re-export the model with this version.")
+    missing = [k for k in _REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise bad_model(path, f"metadata is missing {', '.join(map(repr, missing))}. {EXPORT_HINT}")
+    image_size = _int_key(meta, "image_size", path)
+    resize_size = _int_key(meta, "resize_size", path)
+    if resize_size < image_size:
+        raise bad_model(path, f"metadata 'resize_size' ({resize_size}) is smaller than 'image_size' ({image_size}).")
+    interpolation = meta["interpolation"]
+    if interpolation not in INTERPOLATIONS:
+        raise bad_model(path, f"metadata 'interpolation' must be one of {INTERPOLATIONS}, got {interpolation!r}.")
+    kind = meta.get("kind", "classifier")
+    classes: tuple[str, ...] = ()
+    if kind == "classifier":
+        try:
+            parsed = json.loads(meta["classes"])
+        except (KeyError, ValueError):
+            raise bad_model(path, "metadata 'classes' must be a JSON list of class names, got "
+                                  f"{meta.get('classes')!r}. {EXPORT_HINT}") from None
+        if not isinstance(parsed, list) or len(parsed) < 2 or not all(isinstance(c, str) for c in parsed):
+            raise bad_model(path, f"metadata 'classes' must list at least two class names, got {parsed!r}.")
+        classes = tuple(parsed)
+    elif kind != "features":
+        raise bad_model(path, f"metadata 'kind' must be 'classifier' or 'features', got {kind!r}.")
+    try:
+        metrics = json.loads(meta.get("metrics") or "{}")
+    except ValueError:
+        metrics = {}
+    feature_dim = int(meta["feature_dim"]) if meta.get("feature_dim", "").isdigit() else None
+    return ModelInfo(
+        path=path,
+        kind=kind,
+        image_size=image_size,
+        resize_size=resize_size,
+        interpolation=interpolation,
+        classes=classes,
+        backbone=meta.get("backbone", ""),
+        training_mode=meta.get("training_mode", ""),
+        variant=meta.get("variant", "fp32"),
+        metrics=metrics if isinstance(metrics, dict) else {},
+        project_version=meta.get("project_version", ""),
+        format=fmt,
+        resize_rule=meta.get("resize_rule", ""),
+        feature_dim=feature_dim,
+    )
+
+
+
+
+def resize_rule(image_size: int, resize_size: int, interpolation: str) -> str:
+    return (f"resize shorter side to {resize_size} with {interpolation}, centre-crop {image_size}, "
+            "RGB uint8 NHWC")
+
+
+def model_metadata(spec: Any, *, image_size: int, kind: str, classes: list[str] | None = None,
+                   training_mode: str | None = None, metrics: dict | None = None, variant: str = "fp32"
+                   ) -> dict[str, str]:
+    """The ``metadata_props`` of an exported file. ``spec`` is the backbone's ``models.BackboneSpec`` (its name,
+    interpolation, feature width and ``resize_for``)."""
+    resize_size = spec.resize_for(image_size)
+    meta = {
+        "format": FORMAT,
+        "kind": kind,
+        "image_size": str(image_size),
+        "resize_size": str(resize_size),
+        "interpolation": spec.interpolation,
+        "resize_rule": resize_rule(image_size, resize_size, spec.interpolation),
+        "backbone": spec.name,
+        "variant": variant,
+        "project_version": __version__,
+    }
+    if kind == "classifier":
+        meta["classes"] = json.dumps(list(classes or []))
+        meta["training_mode"] = str(training_mode)
+        meta["metrics"] = json.dumps(metrics or {}, default=float)
+    else:
+        meta["feature_dim"] = str(spec.feature_dim)
+    return meta
+
+
+def set_metadata(model: Any, meta: Mapping[str, str]) -> None:
+    """Replace ``metadata_props`` entries of an ``onnx.ModelProto`` with ``meta`` (other entries are kept)."""
+    kept = [p for p in model.metadata_props if p.key not in meta]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """All ``metadata_props`` of an ONNX file, unvalidated (``parse_metadata`` validates them)."""
+    import onnx  # only export and its checks need the onnx package; serving needs onnxruntime alone
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}

@@ -1,0 +1,138 @@
+"""A training run's exports: each arm's ONNX file and its variants, written into the run folder and recorded in
+its ``report.json``; and a run rebuilt from that folder (weights, images) for ``python -m export``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import models
+from core.runtime.contract import FORMAT
+from core.runtime.errors import UserError
+from core.runtime.images import ImageDecodeError, open_rgb, to_array
+from export.onnx_export import DEFAULT_OPSET, TRAINING_MODES, export_classifier
+from export.quantize import calibration_indices
+from export.variants import build_variants
+
+
+class RunFolderError(UserError, ValueError):
+    """A run folder lacks what ``python -m core compare`` writes into it."""
+
+
+def model_filename(training_mode: str) -> str:
+    """``model.onnx`` for the pretrained arm (the one to deploy), ``model-scratch.onnx`` for scratch."""
+    if training_mode not in TRAINING_MODES:
+        raise ValueError(f"training_mode must be one of {TRAINING_MODES}, got {training_mode!r}.")
+    return "model.onnx" if training_mode == "pretrained" else "model-scratch.onnx"
+
+
+def report_key(training_mode: str) -> str:
+    """Where a run's ``report.json`` keeps this arm's export section: ``export`` or ``export_scratch``."""
+    model_filename(training_mode)
+    return "export" if training_mode == "pretrained" else "export_scratch"
+
+
+def export_run(run_dir: str | os.PathLike[str], classifier: models.Classifier, *, classes: list[str], backbone: str,
+               image_size: int, training_mode: str, metrics: dict | None, val_images_uint8: np.ndarray | None,
+               val_labels: np.ndarray | list[int] | None, calib_images_uint8: np.ndarray | None,
+               tolerance: float = 0.01, variants: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Export one arm of a run to ``run_dir`` (FP32 + accepted variants); return its ``report.json`` section.
+
+    Store the result under ``report[report_key(training_mode)]``. Paths in it are relative to ``run_dir``.
+    """
+    if classifier.spec.name != backbone:
+        raise ValueError(f"backbone {backbone!r} does not match the classifier's backbone {classifier.spec.name!r}.")
+    run_dir = Path(run_dir)
+    path = run_dir / model_filename(training_mode)
+    result = export_classifier(classifier, path, image_size=image_size, classes=classes,
+                                      training_mode=training_mode, metrics=metrics, parity_images=val_images_uint8)
+    if val_images_uint8 is None:
+        val_images_uint8, val_labels = np.zeros((0, image_size, image_size, 3), np.uint8), []
+    built = build_variants(path, calib_images_uint8, val_images_uint8, val_labels if val_labels is not None else [],
+                           tolerance=tolerance, variants=variants)
+    for record in built:
+        if record["path"]:
+            record["path"] = os.path.relpath(record["path"], run_dir)
+    return {
+        "training_mode": training_mode,
+        "model": path.name,
+        "format": FORMAT,
+        "opset": DEFAULT_OPSET,
+        "backbone": backbone,
+        "image_size": image_size,
+        "size_bytes": path.stat().st_size,
+        "parity": result["parity"],
+        "tolerance": tolerance,
+        "variants": built,
+    }
+
+
+def load_run_classifier(run_dir: str | os.PathLike[str], training_mode: str = "pretrained"
+                        ) -> tuple[models.Classifier, dict[str, Any]]:
+    """Rebuild a trained arm of a run from ``report.json`` and ``<arm>.pt``; returns (classifier, report)."""
+    run_dir = Path(run_dir)
+    report_path = run_dir / "report.json"
+    if not report_path.is_file():
+        raise FileNotFoundError(f"{report_path} not found; pass the folder written by `python -m core compare`.")
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    weights = run_dir / f"{training_mode}.pt"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: this run has no trained {training_mode!r} arm; "
+                                f"pick one of {[m for m in TRAINING_MODES if (run_dir / f'{m}.pt').is_file()]}.")
+    try:
+        classes = report["dataset"]["classes"]
+        backbone = report["backbone"]
+    except (KeyError, TypeError) as exc:
+        raise RunFolderError(f"{report_path} lacks {exc}; it was not written by `python -m core compare`.") from None
+    classifier = models.build_classifier(backbone, len(classes), pretrained=False)
+    classifier.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return classifier.eval(), report
+
+
+def load_run_images(run_dir: Path, report: dict[str, Any], splits: tuple[str, ...], *, data_root: Path | None = None,
+                    limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Prepared uint8 images and label indices of the first of ``splits`` present in ``manifest.csv``; with
+    ``limit``, only the images ``calibration_indices`` picks."""
+    manifest = run_dir / "manifest.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} not found; it is written by `python -m core compare`.")
+    classes = report["dataset"]["classes"]
+    root_text = data_root or report["dataset"].get("root")
+    if not root_text:
+        raise RunFolderError(f"{run_dir / 'report.json'} has no dataset.root; pass --data PATH to the image folder.")
+    root = Path(root_text)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} (from report.json) does not exist; pass --data PATH to "
+                                "where the images are now.")
+    with open(manifest, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    chosen: list[dict[str, str]] = []
+    for split in splits:
+        chosen = [r for r in rows if r.get("split") == split]
+        if chosen:
+            break
+    if limit is not None:
+        chosen = [chosen[i] for i in calibration_indices(len(chosen), limit)]
+    image_size = int(report["image_size"])
+    spec = models.get_backbone_spec(report["backbone"])
+    images, labels, failed = [], [], 0
+    for row in chosen:
+        try:
+            image = open_rgb(root / row["file"])
+        except (ImageDecodeError, OSError):
+            failed += 1
+            continue
+        images.append(to_array(image, image_size, spec.resize_for(image_size), spec.interpolation))
+        labels.append(classes.index(row["class"]))
+    if failed:
+        print(f"warning: skipped {failed} unreadable images of split {splits[0]!r} under {root}", file=sys.stderr)
+    if not images:
+        return np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros(0, np.int64)
+    return np.stack(images), np.asarray(labels, dtype=np.int64)

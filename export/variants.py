@@ -1,0 +1,152 @@
+"""The model variants, in one table: the FP32 export and the faster copies built beside it.
+
+Every part that deals with variants reads ``VARIANTS``: the export (which to build, how, and on which providers
+to check them), the benchmark (which files to time), the app (the Predict choices and download buttons) and the
+Triton writer (which instance kind serves a file). A variant is kept only if its top-1 accuracy on the validation
+images is within ``tolerance`` of the FP32 model's; a rejected one is deleted and the reason recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from core.runtime.files import temp_path
+from core.runtime.predictor import read_model_info
+from core.runtime.providers import CPU, CUDA, cuda_usable
+
+log = logging.getLogger(__name__)
+
+Builder = Callable[[Path, Path, "np.ndarray | None"], object]  # (fp32 file, output file, calibration images)
+
+
+def _build_int8(src: Path, dst: Path, calib_images: np.ndarray | None) -> None:
+    from export.quantize import quantize_int8  # onnxruntime's quantization tools load only when building
+
+    if calib_images is None or len(calib_images) == 0:
+        raise ValueError("no calibration images were given (INT8 needs prepared training images)")
+    quantize_int8(src, dst, calib_images)
+
+
+def _build_fp16(src: Path, dst: Path, calib_images: np.ndarray | None) -> None:
+    from export.quantize import convert_fp16
+
+    convert_fp16(src, dst)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # also the model's metadata 'variant'
+    suffix: str  # inserted before ".onnx": model.onnx -> model.int8.onnx
+    label: str  # what the app shows
+    build: Builder | None  # None: the FP32 export itself (export.onnx_export)
+    check_providers: tuple[str, ...]  # where its accuracy is measured, best first (CUDA only where usable)
+    needs_cuda: bool  # built by default only where a CUDA GPU is usable
+    triton_kind: str  # Triton instance_group kind that serves this file
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("fp32", "", "FP32", None, (CPU,), False, "KIND_AUTO"),
+    # Static QDQ INT8: smaller, and faster on CPUs with VNNI/AMX (not on every CPU: measure with export bench).
+    Variant("int8", ".int8", "INT8", _build_int8, (CPU,), False, "KIND_CPU"),
+    # FP16 weights and compute: for GPUs; on a CPU it only adds casts.
+    Variant("fp16", ".fp16", "FP16", _build_fp16, (CUDA, CPU), True, "KIND_GPU"),
+)}
+OPTIONAL = tuple(name for name, v in VARIANTS.items() if v.build is not None)
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"variant must be one of {list(VARIANTS)}, got {name!r}.")
+    return VARIANTS[name]
+
+
+def variant_path(fp32_path: str | os.PathLike[str], variant: str) -> Path:
+    """``model.onnx`` -> ``model.int8.onnx`` / ``model.fp16.onnx`` (``fp32``: the path itself)."""
+    path = Path(fp32_path)
+    return path.with_name(f"{path.stem}{get_variant(variant).suffix}{path.suffix}")
+
+
+def default_variants() -> tuple[str, ...]:
+    """The optional variants worth building on this machine (FP16 only where CUDA is usable)."""
+    needs_probe = any(VARIANTS[v].needs_cuda for v in OPTIONAL)
+    on_cuda = cuda_usable() if needs_probe else False
+    return tuple(v for v in OPTIONAL if on_cuda or not VARIANTS[v].needs_cuda)
+
+
+def evaluate_onnx(path: str | os.PathLike[str], images: np.ndarray, labels: Sequence[int] | np.ndarray, *,
+                  device: str = "cpu") -> float:
+    """Top-1 accuracy of an exported classifier on prepared uint8 images ``[N, S, S, 3]`` and integer labels."""
+    from core.runtime.predictor import Predictor
+
+    labels = np.asarray(labels)
+    if len(labels) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(labels)} labels; pass one label per image.")
+    probabilities = Predictor(path, device=device).predict_arrays(images)
+    return float(np.mean(probabilities.argmax(1) == labels))
+
+
+def _build(variant: Variant, src: Path, tmp: Path, calib_images: np.ndarray | None) -> None:
+    variant.build(src, tmp, calib_images)
+    onnx.checker.check_model(str(tmp), full_check=True)
+
+
+def build_variants(fp32_path: str | os.PathLike[str], calib_images: np.ndarray | None, val_images: np.ndarray,
+                   val_labels: Sequence[int] | np.ndarray, *, tolerance: float = 0.01,
+                   variants: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Build each optional variant beside ``fp32_path`` and keep it only if accuracy drops by at most ``tolerance``.
+
+    Returns one {"variant", "path", "accuracy", "baseline_accuracy", "accuracy_drop", "accepted", "reason"}
+    per variant. ``tolerance`` is a fraction (0.01 = one percentage point). Rejected variants (and stale
+    files of the same name from an earlier export) are deleted; their ``path`` is None.
+    """
+    src = Path(fp32_path)
+    read_model_info(src)
+    names = tuple(default_variants() if variants is None else variants)
+    for name in names:
+        if get_variant(name).build is None:  # validates the name before any work
+            raise ValueError(f"{name!r} is the export itself, not a variant to build; pick from {list(OPTIONAL)}.")
+    val_labels = np.asarray(val_labels)
+    have_val = val_images is not None and len(val_images) > 0
+    baseline = evaluate_onnx(src, val_images, val_labels) if have_val else None
+    on_cuda = cuda_usable() if any(CUDA in VARIANTS[n].check_providers for n in names) else False
+    results = []
+    for name in names:
+        variant = VARIANTS[name]
+        target = variant_path(src, name)
+        tmp = temp_path(target)
+        record: dict[str, Any] = {"variant": name, "path": None, "accuracy": None, "baseline_accuracy": baseline,
+                                  "accuracy_drop": None, "accepted": False, "reason": ""}
+        try:
+            if not have_val:
+                raise ValueError("no validation images to measure the accuracy drop on")
+            _build(variant, src, tmp, calib_images)
+            device = "cuda" if on_cuda and CUDA in variant.check_providers else "cpu"
+            accuracy = evaluate_onnx(tmp, val_images, val_labels, device=device)
+        except Exception as exc:  # a variant that cannot be built or run is rejected, never fatal
+            tmp.unlink(missing_ok=True)
+            target.unlink(missing_ok=True)
+            record["reason"] = f"not built: {exc}"
+            log.warning("%s variant rejected: %s", name, exc)
+            results.append(record)
+            continue
+        drop = baseline - accuracy
+        record.update(accuracy=accuracy, accuracy_drop=drop)
+        summary = (f"accuracy {accuracy:.4f} vs FP32 {baseline:.4f} on {len(val_labels)} validation images: "
+                   f"drop {drop * 100:.2f} points")
+        if drop <= tolerance + 1e-9:
+            os.replace(tmp, target)
+            record.update(path=str(target), accepted=True, reason=f"{summary} <= {tolerance * 100:.2f} allowed")
+        else:
+            tmp.unlink(missing_ok=True)
+            target.unlink(missing_ok=True)
+            record["reason"] = f"{summary} > {tolerance * 100:.2f} allowed; deleted"
+        results.append(record)
+    return results
