@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,8 +162,3 @@ def overfitting(history: list[dict], t: Thresholds = DEFAULT) -> dict:
             "best_val_loss": best["val_loss"], "final_val_loss": last["val_loss"], "val_loss_rising": rising,
             "best_val_accuracy": best_acc, "final_val_accuracy": last["val_accuracy"],
             "message": message}
-
-
-def counts_of(labels, classes: list[str]) -> dict[str, int]:
-    c = Counter(int(x) for x in labels)
-    return {name: c.get(i, 0) for i, name in enumerate(classes)}

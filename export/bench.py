@@ -1,4 +1,4 @@
-"""Latency of PyTorch eager vs onnxruntime FP32 vs INT8 on the same inputs, in one process and one run."""
+"""Latency of PyTorch eager vs onnxruntime FP32 vs its variants on the same inputs, in one process and one run."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ except ImportError:  # pragma: no cover - Windows
     resource = None
 
 from core.runtime.predictor import Predictor, read_model_info
-from core.runtime.providers import default_threads
-from export.variants import variant_path
+from core.runtime.providers import CPU, default_threads
+from export.variants import OPTIONAL, VARIANTS, variant_path
 
 PAUSE_S = 0.2  # between engine blocks; see _time_rounds
 
@@ -84,12 +84,13 @@ def _ratio(samples: dict[str, list[list[float]]], slow: str, fast: str) -> dict[
     return {"ratio": overall, "low": min(per_round), "high": max(per_round)}
 
 
-ENGINES = ("torch", "torch_nchw", "onnx_fp32", "onnx_int8")
+# One onnxruntime engine per model variant (export.variants): onnx_fp32, onnx_int8, onnx_fp16.
+ENGINES = ("torch", "torch_nchw", *(f"onnx_{name}" for name in VARIANTS))
 RATIOS = (  # name, slower engine, faster engine
     ("onnx_fp32_vs_torch", "torch", "onnx_fp32"),
     ("onnx_fp32_vs_torch_nchw", "torch_nchw", "onnx_fp32"),
-    ("onnx_int8_vs_fp32", "onnx_fp32", "onnx_int8"),
-    ("onnx_int8_vs_torch", "torch", "onnx_int8"),
+    *((f"onnx_{name}_vs_fp32", "onnx_fp32", f"onnx_{name}") for name in OPTIONAL),
+    *((f"onnx_{name}_vs_torch", "torch", f"onnx_{name}") for name in OPTIONAL),
 )
 
 
@@ -123,8 +124,8 @@ def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] 
     """Median latency (ms) and throughput (images/s) per engine and batch size, and the speed-up ratios.
 
     Engines: ``torch`` (eager, CPU, the exported classifier's uint8 NHWC input; from ``torch_model`` or rebuilt
-    from ``run_dir``), ``torch_nchw`` (the same network called on a contiguous NCHW float batch), ``onnx_fp32`` and
-    ``onnx_int8`` (when ``<model>.int8.onnx`` exists). All get the same uint8 inputs and thread count. Without
+    from ``run_dir``), ``torch_nchw`` (the same network called on a contiguous NCHW float batch), ``onnx_fp32``, and
+    ``onnx_<variant>`` for each variant file beside the model (``model.int8.onnx``; FP16 only on a GPU). All get the same uint8 inputs and thread count. Without
     ``run_dir``, the model's own folder is used when it is a run folder (it holds ``report.json``).
     Each ratio comes with its range over ``rounds`` alternating rounds. ``tuned_malloc`` calls
     ``keep_freed_memory`` first, for a like-for-like torch baseline (see ``allocator_note``).
@@ -150,10 +151,11 @@ def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] 
     # onnxruntime with its default busy-waiting worker threads, as torch's OpenMP threads do (see create_session).
     fp32 = Predictor(model_path, device=device, intra_op_threads=threads, spin=True)
     engines["onnx_fp32"] = fp32.predict_arrays
-    int8_path = variant_path(model_path, "int8")
-    if int8_path.exists():
-        engines["onnx_int8"] = Predictor(int8_path, device=device, intra_op_threads=threads,
-                                          spin=True).predict_arrays
+    for name in OPTIONAL:  # the variants built beside the model; GPU-only ones only where the model runs on a GPU
+        path = variant_path(model_path, name)
+        if path.exists() and (fp32.provider != CPU or not VARIANTS[name].needs_cuda):
+            engines[f"onnx_{name}"] = Predictor(path, device=device, intra_op_threads=threads,
+                                                spin=True).predict_arrays
     rng = np.random.default_rng(0)
     results: dict[str, Any] = {"model": str(model_path), "image_size": info.image_size, "threads": threads,
                                "provider": fp32.provider, "repeats": repeats, "batches": {},

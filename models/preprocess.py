@@ -1,6 +1,6 @@
 """The in-graph half of preprocessing: uint8 RGB ``[N, H, W, 3]`` -> normalised float ``[N, 3, H, W]``.
 
-Decoding, resizing and cropping happen outside the network (``core.preprocess``); everything after that
+Decoding, resizing and cropping happen outside the network (``core.runtime.images``); everything after that
 lives in this module, so training, the exported ONNX graph and any app that embeds the graph share it.
 """
 
