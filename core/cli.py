@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from core import __version__
+from core.config import FIELDS, ConfigError, TrainConfig, read_config_file, rule
 from core.data import SPLITS, Dataset, load_dataset
 from core.runtime.errors import USER_ERRORS
 from core.runtime.providers import DEVICES
@@ -33,22 +34,29 @@ def _fraction(text: str) -> float:
     return value
 
 
-def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    """Source and split options shared by every command that loads a dataset."""
+def split_args_parser() -> argparse.ArgumentParser:
+    """``--val-fraction``, ``--test-fraction`` and ``--seed``: how every command that loads a dataset splits it (an
+    argparse parent). ``--seed`` has no default here: ``datasets`` sets 0, training commands take TrainConfig's."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("dataset split")
+    g.add_argument("--val-fraction", type=_fraction, default=0.2, metavar="F", help="validation share (default 0.2)")
+    g.add_argument("--test-fraction", type=_fraction, default=0.0, metavar="F", help="test share (default 0)")
+    g.add_argument("--seed", type=_setting_type("seed"), default=argparse.SUPPRESS, metavar="K",
+                   help="seed of the random split and, for training commands, of training (default 0) [seed]")
+    return p
+
+
+def _source_help() -> str:
     samples = ", ".join(f"sample:{n}" for n in SAMPLES)
-    parser.add_argument(
-        "src",
-        help=f"folder of class folders (or train/ val/ folders), a .zip of one, or a sample spec ({samples}; "
-        "e.g. 'sample:shapes?per_class=40&imbalance=0.2&noise=0.1&duplicates=5&seed=1&size=64')",
-    )
-    parser.add_argument("--val-fraction", type=_fraction, default=0.2, help="validation share (default 0.2)")
-    parser.add_argument("--test-fraction", type=_fraction, default=0.0, help="test share (default 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random split (default 0)")
+    return (f"folder of class folders (or train/ val/ folders), a .zip of one, or a sample spec ({samples}; "
+            "e.g. 'sample:shapes?per_class=40&imbalance=0.2&noise=0.1&duplicates=5&seed=1&size=64')")
 
 
-def load_from_args(args: argparse.Namespace) -> Dataset:
-    """Load the dataset described by ``add_dataset_arguments`` options."""
-    return load_dataset(args.src, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
+def load_from_args(args: argparse.Namespace, seed: int | None = None) -> Dataset:
+    """Load the dataset described by ``split_args_parser`` options (``args.src`` or ``args.data``)."""
+    src = getattr(args, "src", None) or args.data
+    return load_dataset(src, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                        seed=args.seed if seed is None else seed)
 
 
 def format_counts(ds: Dataset) -> str:
@@ -72,10 +80,11 @@ def add_datasets_parser(sub: argparse._SubParsersAction) -> None:
         "datasets",
         help="load a dataset, validate every image and show classes, split counts and skipped files",
         description="Load a dataset source and report classes, per-split counts and skipped files.",
+        parents=[split_args_parser()],
     )
-    add_dataset_arguments(p)
+    p.add_argument("src", help=_source_help())
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=cmd_datasets)
+    p.set_defaults(func=cmd_datasets, seed=0)
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -107,54 +116,95 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be positive")
-    return value
+def _setting_type(name: str) -> Callable[[str], object]:
+    """An argparse ``type`` for TrainConfig field ``name``: parses the text as the field's kind and checks it against
+    the field's rule, so a bad flag fails with the same message as a bad config file value."""
+    r = rule(name)
+
+    def parse(text: str) -> object:
+        try:
+            value = r.kind(text) if r.kind in (int, float) else text
+        except ValueError:
+            value = text
+        try:
+            return r.check(name, value)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
 
 
-def _add_training_arguments(p: argparse.ArgumentParser) -> None:
-    from core.train import TrainConfig
+def _setting(group: argparse._ArgumentGroup, flag: str, name: str, text: str, *, metavar: str | None = None,
+             default: str | None = None) -> None:
+    """A flag whose ``dest`` is TrainConfig field ``name``. It has no argparse default: a flag left out keeps the
+    value from ``--config FILE``, else TrainConfig's default (shown in the help)."""
+    r = rule(name)
+    default = str(FIELDS[name].default) if default is None else default
+    valid = "" if r.choices or r.kind is str else f"{r.describe(with_none=False)}, "  # argparse lists choices
+    note = f" ({valid}default {default})" if default else ""
+    group.add_argument(flag, dest=name, type=_setting_type(name), default=argparse.SUPPRESS, metavar=metavar,
+                       choices=r.choices or None, help=f"{text}{note} [{name}]")
 
-    d = TrainConfig()
-    p.add_argument("--data", required=True, metavar="SRC", help="dataset source (folder, .zip or sample:NAME)")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.json, plots, models")
-    p.add_argument("--backbone", default=d.backbone, help=f"registered backbone (default {d.backbone}; "
-                   "see `python -m core backbones`)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"epoch cap for each arm (default {d.epochs})")
-    p.add_argument("--budget-seconds", type=_positive_float, default=None,
-                   help="optional wall-clock cap per arm, checked after each epoch")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="crop side in pixels (default: the backbone's 224 on CUDA, 160 on CPU)")
-    p.add_argument("--target", type=_fraction, default=d.target_accuracy,
-                   help=f"target validation accuracy for time-to-target (default {d.target_accuracy})")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for the split and training (default 0)")
-    p.add_argument("--device", choices=DEVICES, default=d.device, help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--val-fraction", type=_fraction, default=0.2, help="validation share (default 0.2)")
-    p.add_argument("--test-fraction", type=_fraction, default=0.0, help="test share (default 0)")
-    p.add_argument("--views", type=int, choices=(1, 2), default=d.views,
-                   help="2 adds horizontally flipped training views for the pretrained head")
-    p.add_argument("--unfreeze", type=int, default=d.unfreeze_blocks, metavar="N",
-                   help="also fine-tune the last N blocks of the pretrained backbone, on augmented images "
-                        "(default 0: frozen backbone, features cached once; N > 0 trains like the scratch arm)")
-    p.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+
+def training_args_parser(*, omit: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The dataset and training flags of ``compare``, ``train`` and ``bench``, as an argparse parent (torchvision's
+    ``get_args_parser(add_help=False)``). Every training flag's ``dest`` is a TrainConfig field; ``omit`` leaves out
+    the fields a command does not use, so no command has a flag that does nothing."""
+    p = argparse.ArgumentParser(add_help=False, parents=[split_args_parser()])
+    data = p.add_argument_group("data")
+    data.add_argument("--data", required=True, metavar="SRC", help=_source_help())
+    g = p.add_argument_group(
+        "training", "Each flag sets the TrainConfig key in brackets. --config FILE supplies defaults for any "
+        "TrainConfig key; flags given on the command line win over it.")
+    g.add_argument("--config", metavar="FILE",
+                   help="JSON (or .toml) file of TrainConfig keys, e.g. an earlier run's config.json; valid keys: "
+                        f"{', '.join(FIELDS)}")
+    flags = [
+        ("--backbone", "backbone", "registered backbone (`python -m core backbones` lists them and marks the "
+         "default)", "NAME", ""),
+        ("--epochs", "epochs", "epoch cap for each arm", "N", None),
+        ("--budget-seconds", "budget_seconds", "wall-clock cap per arm, checked after each epoch", "S", "none"),
+        ("--image-size", "image_size", "crop side in pixels", "PX", "224 on CUDA, 160 on CPU"),
+        ("--target", "target_accuracy", "target validation accuracy for time-to-target", "ACC", None),
+        ("--device", "device", "auto (CUDA when present), cpu or cuda", None, None),
+        ("--views", "views", "2 adds horizontally flipped training views for the pretrained head", None, None),
+        ("--unfreeze", "unfreeze_blocks", "also fine-tune the last N blocks of the pretrained backbone, on augmented "
+         "images (0: frozen backbone, features cached once; N > 0 trains like the scratch arm)", "N", None),
+    ]
+    for flag, name, text, metavar, default in flags:
+        if name not in omit:
+            _setting(g, flag, name, text, metavar=metavar, default=default)
+    return p
+
+
+def output_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, metavar="DIR", help="run folder for report.json, config.json, manifest.csv, "
+                   "plots and models (files of an earlier run there are replaced; other files are left alone)")
+    g.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from ``--config FILE`` (defaults) and the training flags given (which win), via ``from_dict``."""
+    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    values.update({k: v for k, v in vars(args).items() if k in FIELDS})
+    return TrainConfig.from_dict(values)
 
 
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="train a head on the frozen pretrained backbone and the same net from "
                        "scratch, side by side", description="Pretrained (frozen backbone + new head) vs from "
-                       "scratch on the same split; writes report.json, manifest.csv, plots and models.")
-    _add_training_arguments(p)
+                       "scratch on the same split; writes report.json, config.json, manifest.csv, plots and models.",
+                       parents=[training_args_parser(), output_args_parser()])
     p.set_defaults(func=cmd_compare)
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one arm (pretrained or scratch)")
-    _add_training_arguments(p)
+    p = sub.add_parser("train", help="train one arm (pretrained or scratch)",
+                       parents=[training_args_parser(), output_args_parser()])
     p.add_argument("--mode", choices=("pretrained", "scratch"), default="pretrained", help="which arm to train")
     p.set_defaults(func=cmd_compare)
 
@@ -165,29 +215,23 @@ def add_backbones_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark: pretrained arm wall time vs one inference pass (target <= 1.5x)")
-    _add_training_arguments(p)
+    # The benchmark times the frozen-backbone arm and reports no time-to-target: no --unfreeze, no --target.
+    p = sub.add_parser("bench", help="benchmark: pretrained arm wall time vs one inference pass (target <= 1.5x)",
+                       parents=[training_args_parser(omit=("target_accuracy", "unfreeze_blocks"))])
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from core.overhead import pretrained_overhead
 
-    ds = load_dataset(args.data, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
-    r = pretrained_overhead(ds, _config_from_args(args))
+    cfg = config_from_args(args)
+    ds = load_from_args(args, seed=cfg.seed)
+    r = pretrained_overhead(ds, cfg)
     print(f"{r['images']} images at {r['image_size']}px on {r['device']} ({r['feature_engine']}), {r['epochs']} epochs")
     print(f"one inference pass (decode + features): {r['inference_pass_seconds']:.2f}s")
     print(f"pretrained arm (decode + features + head training): {r['pretrained_arm_seconds']:.2f}s")
     print(f"ratio: {r['ratio']:.2f}x (target <= 1.5x); val accuracy {r['val_accuracy']:.1%}")
     return 0
-
-
-def _config_from_args(args: argparse.Namespace):
-    from core.train import TrainConfig
-
-    return TrainConfig(backbone=args.backbone, epochs=args.epochs, budget_seconds=args.budget_seconds,
-                       image_size=args.image_size, target_accuracy=args.target, seed=args.seed, device=args.device,
-                       views=args.views, unfreeze_blocks=args.unfreeze).validated()
 
 
 def add_predict_parser(sub: argparse._SubParsersAction) -> None:
@@ -227,6 +271,7 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     for name in models.list_backbones():
         spec = models.get_backbone_spec(name)
         where = "offline" if spec.offline else "downloads on first use"
+        where += ", the default" if name == models.DEFAULT_BACKBONE else ""
         print(f"{name:20s} {spec.feature_dim:5d}-d features, {spec.input_size}px, {where}: {spec.description}")
     return 0
 
@@ -237,8 +282,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from core.report import write_run
     from core.train import Callbacks, run_compare
 
-    cfg = _config_from_args(args)
-    ds = load_dataset(args.data, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
+    cfg = config_from_args(args)
+    ds = load_from_args(args, seed=cfg.seed)
     arms = (args.mode,) if getattr(args, "mode", None) else None
     bars: dict[str, tqdm] = {}
 

@@ -12,10 +12,11 @@ import time
 
 import models
 
+from .config import ConfigError, TrainConfig
 from .data import Dataset
 from .device import resolve_device
 from .features import extract_all, make_feature_extractor
-from .train import Callbacks, ConfigError, TrainConfig, prepare_images, run_compare
+from .train import Callbacks, prepare_images, run_compare
 
 
 def pretrained_overhead(dataset: Dataset, cfg: TrainConfig, *, repeats: int = 2) -> dict:

@@ -1,8 +1,10 @@
-"""Writing a run's artifacts: report.json, manifest.csv, plots, state dicts, and the ONNX export.
+"""Writing a run's artifacts: report.json, config.json, manifest.csv, plots, state dicts, and the ONNX export.
 
 Everything is first written into a staging folder inside ``out_dir`` and moved into place with
-``os.replace`` only once all of it succeeded, so a failing run never leaves a half-written or mixed
-set of files behind, and never destroys an earlier run's artifacts.
+``os.replace`` only once all of it succeeded, so a failing run never leaves a half-written set of files
+behind, and never destroys an earlier run's artifacts. A run that succeeds replaces the earlier run's: the files
+this project writes into a run folder (``run_file_names``) that this run did not produce are removed, so
+``report.json``'s ``artifacts.files`` lists exactly the project's files in the folder. Other files are left alone.
 """
 
 from __future__ import annotations
@@ -16,16 +18,28 @@ import torch
 
 from . import plots
 from .runtime.files import write_json_atomic
-from .train import CompareResult
+from .train import ARMS, CompareResult
 
 REPORT = "report.json"
+CONFIG = "config.json"  # the run's TrainConfig; `python -m core compare --config RUN/config.json` repeats it
 MANIFEST = "manifest.csv"
 LEARNING_CURVES = "learning_curves.png"
 CONFUSION = "confusion_matrices.png"
+TRITON_ZIP = "triton_repository.zip"  # written beside the run by the app's Export tab
 
 
 def state_dict_file(arm: str) -> str:
     return f"{arm}.pt"
+
+
+def run_file_names() -> frozenset[str]:
+    """Every name this project writes into a run folder: what a new run there replaces (or removes as stale)."""
+    from export.runs import model_filename
+    from export.variants import VARIANTS, variant_path
+
+    models_ = {variant_path(model_filename(arm), v).name for arm in ARMS for v in VARIANTS}
+    return frozenset({REPORT, CONFIG, MANIFEST, LEARNING_CURVES, CONFUSION, TRITON_ZIP,
+                      *(state_dict_file(arm) for arm in ARMS), *models_})
 
 
 def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool = True) -> dict:
@@ -35,6 +49,8 @@ def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
     try:
         report = result.report
+        for key in ("export", "export_scratch"):  # from an earlier write of this result: not true of this folder
+            report.pop(key, None)
         runs = report["runs"]
         result.dataset.write_manifest(staging / MANIFEST)
         plots.save(plots.learning_curves(runs, report["target_accuracy"]), staging / LEARNING_CURVES)
@@ -43,13 +59,21 @@ def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool
             torch.save(run.model.state_dict(), staging / state_dict_file(arm))
         report["artifacts"] = {
             "report": REPORT, "manifest": MANIFEST, "learning_curves": LEARNING_CURVES, "confusion_matrices": CONFUSION,
-            "state_dicts": {arm: state_dict_file(arm) for arm in result.runs},
+            "state_dicts": {arm: state_dict_file(arm) for arm in result.runs}, "config": CONFIG,
         }
+        write_json_atomic(staging / CONFIG, report["config"])
         if export and "pretrained" in result.runs:
             report["export"] = _export(result, staging)
+        names = sorted({p.name for p in staging.iterdir()} | {REPORT})
+        report["artifacts"]["files"] = names
         write_json_atomic(staging / REPORT, report)
-        # Everything succeeded: move into place (report.json last, so it only ever names files that exist).
-        names = sorted(p.name for p in staging.iterdir())
+        # Everything succeeded. Replace the earlier run: its report first, then its files this run did not write;
+        # then move the new files in, report.json last (so any report.json lists exactly the run files present).
+        (out / REPORT).unlink(missing_ok=True)
+        for name in sorted(run_file_names() - set(names)):
+            stale = out / name
+            if stale.is_file() or stale.is_symlink():
+                stale.unlink()
         for name in sorted(names, key=lambda n: n == REPORT):
             os.replace(staging / name, out / name)
     finally:

@@ -1,10 +1,10 @@
 """Training: a new head on a frozen pretrained backbone vs the same network from scratch.
 
-Read top to bottom: ``TrainConfig`` -> ``prepare_images`` (decode + resize once) -> ``train_pretrained``
-(features cached once, then the head trains on them) and ``train_from_scratch`` (every layer, with augmentation;
-``train_finetune`` trains the last blocks of the pretrained backbone the same way) -> ``summarize_run`` (best
-epoch, scikit-learn metrics, verdict). ``run_compare`` drives both arms on one split and adds the pitfall
-diagnostics; ``core.report`` writes the artifacts.
+Read top to bottom: ``TrainConfig`` (in ``core.config``) -> ``prepare_images`` (decode + resize once) ->
+``train_pretrained`` (features cached once, then the head trains on them) and ``train_from_scratch`` (every layer,
+with augmentation; ``train_finetune`` trains the last blocks of the pretrained backbone the same way) ->
+``summarize_run`` (best epoch, scikit-learn metrics, verdict). ``run_compare`` drives both arms on one split and adds
+the pitfall diagnostics; ``core.report`` writes the artifacts.
 """
 
 from __future__ import annotations
@@ -29,90 +29,14 @@ from models.classifier import make_head
 from models.preprocess import ImagePreprocess
 
 from . import diagnostics
+from .config import ConfigError, TrainConfig  # noqa: F401 - ConfigError re-exported: callers import it from here
 from .data import Dataset
 from .device import resolve_device
 from .features import extract_all, make_feature_extractor
 from .metrics import classification_metrics, misclassified, verdict
-from .runtime.errors import UserError
 from .runtime.images import center_crop, open_rgb, resize_shorter
 
 ARMS = ("pretrained", "scratch")
-
-
-class ConfigError(UserError, ValueError):
-    """A training setting is unknown or out of range; the message names the key, the value and the valid range."""
-
-
-@dataclass
-class TrainConfig:
-    backbone: str = models.DEFAULT_BACKBONE
-    # One cap for both arms, so the comparison is at equal epochs. Head epochs on cached features cost
-    # milliseconds; scratch epochs cost a full forward/backward pass over the training images.
-    epochs: int = 15
-    # Optional wall-clock cap per arm (seconds, feature extraction included); checked after every epoch.
-    budget_seconds: float | None = None
-    # Side of the square crop both arms see. None: the backbone's native size on CUDA, and 160 on CPU,
-    # where scratch training at 224 is ~2x slower and the pretrained arm loses only a little accuracy.
-    image_size: int | None = None
-    target_accuracy: float = 0.85
-    seed: int = 0
-    device: str = "auto"
-    batch_size: int = 32
-    # The head is a single linear layer on good features: a high rate converges in a few epochs.
-    head_lr: float = 3e-3
-    head_weight_decay: float = 1e-4
-    # AdamW with cosine decay and label smoothing: a standard from-scratch recipe for small data.
-    scratch_lr: float = 3e-3
-    scratch_weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    # "auto": onnxruntime on CPU (several times faster than torch eager), torch (+AMP) on CUDA.
-    feature_engine: str = "auto"
-    # 2 adds horizontally flipped copies of the training images as extra cached views (augmentation for
-    # the head at the cost of a second feature pass over the training images).
-    views: int = 1
-    # Run the second arm. The app's "also train from scratch" switch.
-    train_scratch: bool = True
-    # 0: the pretrained backbone stays frozen and its features are computed once (seconds on CPU). N > 0: its
-    # last N blocks train too, on augmented images and without a feature cache, like the scratch arm (minutes
-    # on CPU): try it when the frozen backbone's accuracy disappoints.
-    unfreeze_blocks: int = 0
-    # Unfrozen pretrained blocks take small steps (a tenth of the head's rate) so they keep what ImageNet taught.
-    backbone_lr: float = 3e-4
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"Unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(sorted(known))}.")
-        return cls(**values).validated()
-
-    def validated(self) -> TrainConfig:
-        models.get_backbone_spec(self.backbone)  # raises with the valid names and a suggestion
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be at least 1, got {self.epochs}.")
-        if self.budget_seconds is not None and self.budget_seconds <= 0:
-            raise ConfigError(f"budget_seconds must be positive (or None for no budget), got {self.budget_seconds}.")
-        if self.image_size is not None and not 32 <= self.image_size <= 512:
-            raise ConfigError(f"image_size must be between 32 and 512 pixels, got {self.image_size}.")
-        if not 0 < self.target_accuracy <= 1:
-            raise ConfigError(f"target_accuracy is a fraction in (0, 1], got {self.target_accuracy}.")
-        if self.views not in (1, 2):
-            raise ConfigError(f"views must be 1 or 2, got {self.views}.")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}.")
-        if self.unfreeze_blocks:
-            blocks = models.block_count(self.backbone)
-            if not 0 <= self.unfreeze_blocks <= blocks:
-                raise ConfigError(f"unfreeze_blocks must be between 0 (frozen backbone, cached features) and "
-                                 f"{blocks} ({self.backbone} has {blocks} blocks), got {self.unfreeze_blocks}.")
-        return self
-
-    def resolved_image_size(self, device: torch.device) -> int:
-        if self.image_size is not None:
-            return self.image_size
-        spec = models.get_backbone_spec(self.backbone)
-        return spec.input_size if device.type == "cuda" else 160
 
 
 class TrainingCancelled(Exception):
@@ -214,7 +138,6 @@ def _evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float,
 
 def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages, val: PreparedImages,
                      test: PreparedImages | None, device: torch.device, callbacks: Callbacks) -> RunResult:
-    gen = _seed_everything(cfg.seed)
     image_size = train.crops.shape[1]
     # The feature engine is built once per machine, backbone and size (an ONNX export, cached on disk, like
     # downloaded weights): its setup time is reported on its own, not as training time.
@@ -240,6 +163,9 @@ def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages
     feature_seconds = time.perf_counter() - start
 
     # Head: dropout + linear, trained on cached features (on CPU: a matrix this small gains nothing on a GPU).
+    # Seeded here, after the features: building a torch backbone (torch engine, or an ONNX cache miss) draws from
+    # the global RNG, and the head's initial weights must not depend on which engine ran or whether it was cached.
+    gen = _seed_everything(cfg.seed)
     head = make_head(models.get_backbone_spec(cfg.backbone).feature_dim, len(classes))
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay)
     log = _EpochLog("pretrained", cfg, callbacks, start)
@@ -497,7 +423,7 @@ def run_compare(dataset: Dataset, cfg: TrainConfig | None = None, callbacks: Cal
         "resize_size": spec.resize_for(image_size),
         "seed": cfg.seed,
         "target_accuracy": cfg.target_accuracy,
-        "config": dataclasses.asdict(cfg),
+        "config": cfg.to_dict(),
         "runs": runs,
         "speedup_time_to_target": speedup(runs["pretrained"], runs["scratch"]) if len(runs) == 2 else None,
         "diagnostics": _diagnostics(dataset, classes, train, val, test, results, runs),

@@ -1,8 +1,9 @@
-"""End to end from the command line: compare -> report + verified ONNX -> predict."""
+"""End to end from the command line: compare -> report + config + verified ONNX -> predict; --config round trip."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,17 +11,42 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from core.cli import main
+from core.cli import build_parser, config_from_args, main
+from core.config import TrainConfig
+from core.report import run_file_names
+from core.runtime.files import CACHE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "sample:shapes?per_class=8&size=32"
+FLAGS = ["--epochs", "2", "--image-size", "32", "--device", "cpu", "--target", "0.6"]
+NOTES = {"notes.txt": "a user's file in the run folder"}
+
+
+def _main(cache: Path, argv: list[str]) -> int:
+    """``main`` with the session's cache folder (module fixtures run before conftest's per-test lab_cache)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(cache))
+        return main(argv)
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, _session_cache):
+    """Both arms with export, into a folder that already holds a user's notes."""
     out = tmp_path_factory.mktemp("run")
-    code = main(["compare", "--data", TINY, "--out", str(out), "--epochs", "2", "--image-size", "32",
-                 "--device", "cpu"])
+    for name, text in NOTES.items():
+        (out / name).write_text(text)
+    assert _main(_session_cache, ["compare", "--data", TINY, "--out", str(out), *FLAGS]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def rerun_dir(run_dir, tmp_path_factory, _session_cache):
+    """A copy of ``run_dir`` overwritten by a pretrained-only run without export, configured by run_dir's
+    config.json alone."""
+    out = tmp_path_factory.mktemp("rerun") / "run"
+    shutil.copytree(run_dir, out)
+    code = _main(_session_cache, ["train", "--mode", "pretrained", "--data", TINY, "--out", str(out),
+                                  "--config", str(run_dir / "config.json"), "--no-export"])
     assert code == 0
     return out
 
@@ -37,6 +63,62 @@ def test_compare_writes_report_plots_models_and_verified_onnx(run_dir, capsys):
     assert json.loads(meta["classes"]) == report["dataset"]["classes"]
     assert [i.name for i in session.get_inputs()] == ["image"]
     assert not list(run_dir.glob(".staging-*"))
+    project_files = sorted(p.name for p in run_dir.iterdir() if p.name in run_file_names())
+    assert report["artifacts"]["files"] == project_files
+    assert {"model.onnx", "scratch.pt", "config.json"} <= set(project_files)
+    assert (run_dir / "notes.txt").read_text() == NOTES["notes.txt"]
+
+
+def test_config_json_is_the_runs_config_and_round_trips(run_dir, rerun_dir):
+    config = json.loads((run_dir / "config.json").read_text())
+    report = json.loads((run_dir / "report.json").read_text())
+    assert config == report["config"]
+    assert (config["epochs"], config["image_size"], config["device"], config["target_accuracy"]) == (2, 32, "cpu", 0.6)
+    assert TrainConfig.from_dict(config).to_dict() == config
+    # `--config RUN/config.json` and no training flags: the same config again.
+    assert json.loads((rerun_dir / "config.json").read_text()) == config
+
+
+def test_rerun_leaves_only_its_own_files_and_the_users(run_dir, rerun_dir):
+    """A pretrained-only run without export over a two-arm exported run: the folder holds exactly what the new
+    report lists, plus the user's files; nothing of the earlier run (scratch.pt, model.onnx, model.int8.onnx)."""
+    report = json.loads((rerun_dir / "report.json").read_text())
+    files = report["artifacts"]["files"]
+    assert list(report["runs"]) == ["pretrained"] and "export" not in report
+    user_files = {p.name for p in run_dir.iterdir() if p.name not in run_file_names()}
+    assert "notes.txt" in user_files
+    assert sorted(p.name for p in rerun_dir.iterdir()) == sorted({*files, *user_files})
+    assert "scratch.pt" not in files and not any(name.endswith(".onnx") for name in files)
+    assert (rerun_dir / "notes.txt").read_text() == NOTES["notes.txt"]
+
+
+def test_flags_win_over_the_config_file(tmp_path):
+    toml = tmp_path / "cfg.toml"
+    toml.write_text('epochs = 7\nbackbone = "resnet18"\nhead_lr = 0.01\nviews = 2\n')
+    args = build_parser().parse_args(["compare", "--data", TINY, "--out", str(tmp_path), "--config", str(toml),
+                                      "--epochs", "3", "--target", "0.7"])
+    cfg = config_from_args(args)
+    assert (cfg.epochs, cfg.target_accuracy) == (3, 0.7)  # flags
+    assert (cfg.backbone, cfg.head_lr, cfg.views) == ("resnet18", 0.01, 2)  # file
+    assert cfg.image_size is None and cfg.seed == 0  # TrainConfig defaults
+    args = build_parser().parse_args(["bench", "--data", TINY, "--seed", "4", "--device", "cpu"])
+    assert config_from_args(args) == TrainConfig(seed=4, device="cpu")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"epochs": 2, "epochz": 3}', "Unknown config key(s): epochz. Did you mean 'epochs'? Valid keys: backbone,"),
+    ('{"epochs": "ten"}', "epochs must be an integer from 1 to 1000, got 'ten'."),
+    ('{"epochs": 2,}', "is not valid JSON"),
+    ("[2]", "must hold a JSON object of TrainConfig keys"),
+])
+def test_bad_config_file_is_a_clear_cli_error(tmp_path, capsys, content, message):
+    bad = tmp_path / "cfg.json"
+    bad.write_text(content)
+    out = tmp_path / "out"
+    code = main(["compare", "--data", TINY, "--out", str(out), "--config", str(bad)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: config file {bad}") and message in err, err
+    assert not out.exists()  # nothing ran
 
 
 def test_predict_prints_one_json_line_per_image(run_dir):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -97,3 +98,56 @@ def test_parser_has_datasets_subcommand() -> None:
     assert args.command == "datasets" and args.val_fraction == 0.3 and args.seed == 0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["datasets", "x", "--val-fraction", "2"])
+
+
+def test_user_error_is_one_line_but_a_bug_keeps_its_traceback(monkeypatch, capsys) -> None:
+    import core.cli
+    from core.config import ConfigError
+
+    def user_mistake(args):
+        raise ConfigError("epochs must be an integer from 1 to 1000, got 0.")
+
+    monkeypatch.setattr(core.cli, "cmd_datasets", user_mistake)
+    assert main(["datasets", SPEC]) == 2
+    assert capsys.readouterr().err == "error: epochs must be an integer from 1 to 1000, got 0.\n"
+
+    def bug(args):
+        raise ValueError("a bug, not the user's input")
+
+    monkeypatch.setattr(core.cli, "cmd_datasets", bug)
+    with pytest.raises(ValueError, match="a bug"):  # not swallowed as a user error: the traceback reaches the user
+        main(["datasets", SPEC])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_help_does_not_import_torch(tmp_path: Path) -> None:
+    """`python -m core --help` stays fast: building every parser (defaults, help text) needs no torch."""
+    code = ("import sys\n"
+            "from core.cli import build_parser\n"
+            "p = build_parser()\n"
+            "for cmd in ('datasets', 'compare', 'train', 'bench', 'predict', 'backbones'):\n"
+            "    try:\n"
+            "        p.parse_args([cmd, '--help'])\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--config FILE" in proc.stdout and "[target_accuracy]" in proc.stdout
+
+
+def test_training_flags_are_trainconfig_keys_and_bench_has_no_idle_flags() -> None:
+    from core.config import FIELDS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    others = {"help", "data", "config", "val_fraction", "test_fraction", "out", "no_export", "mode"}
+    for name in ("compare", "train", "bench"):
+        dests = [a.dest for a in sub.choices[name]._actions]
+        assert len(dests) == len(set(dests)), name  # every flag defined once
+        assert set(dests) - others <= set(FIELDS), (name, set(dests) - others - set(FIELDS))
+    bench = {s for a in sub.choices["bench"]._actions for s in a.option_strings}
+    assert not {"--out", "--no-export", "--target", "--unfreeze"} & bench
+    args = build_parser().parse_args(["compare", "--data", "x", "--out", "y", "--target", "0.5", "--unfreeze", "2"])
+    assert (args.target_accuracy, args.unfreeze_blocks) == (0.5, 2)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--data", "x", "--out", "y"])

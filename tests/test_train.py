@@ -13,22 +13,35 @@ from core import diagnostics
 from core.data import load_dataset
 from core.features import TorchFeatureExtractor
 from core.metrics import classification_metrics, verdict
+from core.report import run_file_names, write_run
+from core.runtime.files import CACHE_ENV
 from core.runtime.images import to_array
-from core.report import write_run
-from core.train import Callbacks, TrainConfig, TrainingCancelled, run_compare, speedup, time_to_target
+from core.train import Callbacks, ConfigError, TrainConfig, TrainingCancelled, run_compare, speedup, time_to_target
 from models.preprocess import ImagePreprocess
 
 TINY = "sample:shapes?per_class=10&size=32"
+# Torch features by default in this module: most tests here check training, not the feature engine, and torch
+# needs no ONNX backbone build. The default engine is compared with torch below (default_engine_result).
 FAST = dict(image_size=32, epochs=2, feature_engine="torch", device="cpu", batch_size=16)
 
 
-@pytest.fixture(scope="module")
-def tiny_result(tmp_path_factory):
-    import os
+def _compare(cache, *args, **kwargs):
+    """run_compare with the session's cache folder (module fixtures run before conftest's per-test lab_cache)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(cache))
+        return run_compare(*args, **kwargs)
 
-    os.environ["TRANSFER_LAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    ds = load_dataset(TINY)
-    return run_compare(ds, TrainConfig(**FAST))
+
+@pytest.fixture(scope="module")
+def tiny_result(_session_cache):
+    return _compare(_session_cache, load_dataset(TINY), TrainConfig(**FAST))
+
+
+@pytest.fixture(scope="module")
+def default_engine_result(_session_cache):
+    """The pretrained arm as a user runs it: the default feature engine ("auto": onnxruntime on CPU)."""
+    cfg = TrainConfig(**{**FAST, "feature_engine": TrainConfig().feature_engine})
+    return _compare(_session_cache, load_dataset(TINY), cfg, arms=("pretrained",))
 
 
 def _strip_seconds(history):
@@ -152,15 +165,123 @@ def test_finetuning_trains_only_the_last_blocks_and_the_head():
     np.testing.assert_allclose(probs, result.runs["pretrained"].val_probabilities, atol=1e-5)
 
 
+# --- the default feature engine against torch eager -----------------------------------------------------
+
+@pytest.mark.slow  # builds the cached ONNX backbone graph on a cold cache (~15 s on 2 cores)
+def test_default_engine_features_match_torch_eager(tiny_result):
+    from core.features import make_feature_extractor
+
+    extractor = make_feature_extractor("efficientnet_lite0", 32, torch.device("cpu"))  # the default engine
+    assert extractor.engine.startswith("onnxruntime"), extractor.engine  # not the torch fallback
+    torch_eager = TorchFeatureExtractor(models.get_backbone("efficientnet_lite0", pretrained=True), torch.device("cpu"))
+    images = np.concatenate([tiny_result.train.crops, tiny_result.val.crops])
+    expected = torch_eager.extract(images)
+    got = extractor.extract(images)
+    assert got.shape == expected.shape == (len(images), 1280)
+    scale = np.abs(expected).max()
+    assert scale > 0.1  # real features, not zeros
+    # Same graph, float32 both ways: only the order of floating-point operations differs (measured: 2e-6 of scale).
+    assert np.abs(got - expected).max() <= 1e-4 * scale
+
+
+@pytest.mark.slow
+def test_default_engine_trains_the_same_head_as_torch(tiny_result, default_engine_result):
+    """Same seed, same split: the features agree to ~1e-6, so the head sees the same data in the same order and its
+    validation probabilities agree closely (not bit for bit: float32 differences pass through 2 epochs of AdamW)."""
+    auto, eager = default_engine_result.runs["pretrained"], tiny_result.runs["pretrained"]
+    assert auto.extra["feature_engine"].startswith("onnxruntime") and eager.extra["feature_engine"] == "torch-cpu"
+    np.testing.assert_allclose(auto.val_probabilities, eager.val_probabilities, atol=1e-4)
+    np.testing.assert_array_equal(auto.val_probabilities.argmax(1), eager.val_probabilities.argmax(1))
+    for a, b in zip(auto.history, eager.history, strict=True):
+        assert a["val_accuracy"] == b["val_accuracy"] and a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+
+
+# --- TrainConfig: the one route from outside values to a config -------------------------------------------
+
 def test_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(ValueError, match="unfreeze_blocks must be between 0 .* and 18"):
         TrainConfig(unfreeze_blocks=19).validated()
-    with pytest.raises(ValueError, match="Unknown config key"):
+    with pytest.raises(ConfigError, match="Unknown config key.*epochz.*Did you mean 'epochs'.*Valid keys: backbone"):
         TrainConfig.from_dict({"epochz": 3})
     with pytest.raises(ValueError, match="Did you mean"):
         TrainConfig(backbone="resnet_18").validated()
     with pytest.raises(ValueError, match="image_size"):
         TrainConfig(image_size=8).validated()
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"epochs": "ten"}, "epochs must be an integer from 1 to 1000, got 'ten'."),
+    ({"epochs": 0}, "epochs must be an integer from 1 to 1000, got 0."),
+    ({"epochs": 2.5}, "epochs must be an integer from 1 to 1000, got 2.5."),
+    ({"epochs": True}, "epochs must be an integer from 1 to 1000, got True."),  # bools are not numbers here
+    ({"views": 3}, "views must be one of 1, 2, got 3."),
+    ({"device": "gpu"}, "device must be one of 'auto', 'cpu', 'cuda', got 'gpu'."),
+    ({"feature_engine": "tensorrt"}, "feature_engine must be one of 'auto', 'torch', 'onnxruntime', got 'tensorrt'."),
+    ({"target_accuracy": 0}, "target_accuracy must be a number above 0 and at most 1, got 0."),
+    ({"target_accuracy": "0.9"}, "target_accuracy must be a number above 0 and at most 1, got '0.9'."),
+    ({"budget_seconds": -5}, "budget_seconds must be a number above 0, or null (no time cap), got -5."),
+    ({"budget_seconds": float("nan")}, "budget_seconds must be a number above 0, or null (no time cap), got nan."),
+    ({"label_smoothing": 1.0}, "label_smoothing must be a number at least 0 and below 1, got 1.0."),
+    ({"train_scratch": 1}, "train_scratch must be true or false, got 1."),
+    ({"batch_size": None}, "batch_size must be an integer from 1 to 4096, got None."),
+    ({"backbone": 18}, "backbone must be a registered backbone name"),
+])
+def test_config_from_dict_names_key_value_and_valid_range(values, message):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.from_dict(values)
+    assert str(info.value).startswith(message)
+
+
+def test_config_from_dict_normalises_json_numbers():
+    cfg = TrainConfig.from_dict({"epochs": 15.0, "head_lr": 1, "image_size": None, "budget_seconds": 30})
+    assert cfg.epochs == 15 and type(cfg.epochs) is int
+    assert cfg.head_lr == 1.0 and type(cfg.head_lr) is float and cfg.budget_seconds == 30.0
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # what config.json holds comes back unchanged
+    assert TrainConfig.from_dict({}) == TrainConfig()
+    # A config built directly is held to the same rules when it is used.
+    with pytest.raises(ConfigError, match="epochs must be an integer"):
+        TrainConfig(epochs="3").validated()
+
+
+def test_every_setting_has_a_rule_and_its_default_passes():
+    from core.config import FIELDS, rule
+
+    defaults = TrainConfig()
+    for name in FIELDS:
+        assert rule(name).check(name, getattr(defaults, name)) == getattr(defaults, name)
+
+
+# --- run folders --------------------------------------------------------------------------------------------
+
+def test_rerun_into_a_folder_removes_the_earlier_runs_files_only(tiny_result, default_engine_result, tmp_path):
+    """A pretrained-only run without export over a two-arm exported run: scratch.pt, the ONNX files and their
+    variants go; a user's files stay; report.json lists exactly the project's files left."""
+    write_run(tiny_result, tmp_path, export=False)
+    for name in ("model.onnx", "model.int8.onnx", "model.fp16.onnx", "model-scratch.onnx", "model-scratch.int8.onnx",
+                 "triton_repository.zip"):  # what an exported run, `python -m export onnx` and the app add
+        (tmp_path / name).write_bytes(b"earlier run")
+    user_files = {"notes.txt": b"my notes", "model.onnx.bak": b"mine", "old-report.json": b"{}"}
+    for name, data in user_files.items():
+        (tmp_path / name).write_bytes(data)
+    assert "scratch.pt" in json.loads((tmp_path / "report.json").read_text())["artifacts"]["files"]
+
+    write_run(default_engine_result, tmp_path, export=False)
+    report = json.loads((tmp_path / "report.json").read_text())
+    files = report["artifacts"]["files"]
+    assert files == sorted(files) and "report.json" in files and "config.json" in files
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*files, *user_files])
+    assert "scratch.pt" not in files and not any(n.endswith(".onnx") for n in files)
+    assert all((tmp_path / n).read_bytes() == data for n, data in user_files.items())
+    assert "export" not in report
+
+
+def test_run_file_names_cover_every_variant_of_both_models():
+    from export.variants import VARIANTS
+
+    names = run_file_names()
+    for model in ("model", "model-scratch"):
+        assert {f"{model}{v.suffix}.onnx" for v in VARIANTS.values()} <= names
+    assert {"report.json", "config.json", "pretrained.pt", "scratch.pt", "triton_repository.zip"} <= names
 
 
 def test_time_to_target_and_speedup():
