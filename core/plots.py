@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from typing import Any
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -48,18 +52,46 @@ def confusion_matrices(runs: dict[str, dict], classes: list[str]) -> Figure:
     return fig
 
 
+def grouped_bars(groups: list[str], series: dict[str, list[float]], *, title: str, ylabel: str,
+                 figsize: tuple[float, float], colors: list[str] | None = None, value_labels: str | None = None,
+                 rotate: bool = False, grid: bool = False) -> Figure:
+    """One group of bars per entry of ``groups`` and one bar (and legend entry) per series in each group.
+
+    ``value_labels``: a format such as ``"%.0f"`` writes each bar's value above it."""
+    fig, ax = plt.subplots(figsize=figsize, layout="constrained")
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(groups))
+    for i, (name, values) in enumerate(series.items()):
+        color = colors[i % len(colors)] if colors else None
+        bars = ax.bar(x + i * width, values, width, label=name, color=color)
+        if value_labels:
+            ax.bar_label(bars, fmt=value_labels, fontsize=7)
+    ax.set_xticks(x + width * (len(series) - 1) / 2, groups, rotation=45 if rotate else 0)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    if grid:
+        ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title)
+    return fig
+
+
 def class_counts(counts: dict[str, dict[str, int]]) -> Figure:
     """Images per class, one bar group per split."""
     classes = sorted({c for split in counts.values() for c in split})
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(classes) + 2), 3.2), layout="constrained")
-    width = 0.8 / max(len(counts), 1)
-    x = np.arange(len(classes))
-    for i, (split, per_class) in enumerate(counts.items()):
-        ax.bar(x + i * width, [per_class.get(c, 0) for c in classes], width, label=split)
-    ax.set_xticks(x + width * (len(counts) - 1) / 2, classes, rotation=45 if len(classes) > 4 else 0)
-    ax.set_ylabel("images")
-    ax.legend(fontsize=8)
-    ax.set_title("Images per class")
+    return grouped_bars(classes, {split: [per_class.get(c, 0) for c in classes] for split, per_class in counts.items()},
+                        title="Images per class", ylabel="images", figsize=(max(4.0, 0.6 * len(classes) + 2), 3.2),
+                        rotate=len(classes) > 4)
+
+
+_PYPLOT_LOCK = threading.Lock()  # pyplot's figure registry is global state
+
+
+def detached(make: Callable[..., Figure], *args: Any, **kwargs: Any) -> Figure:
+    """A figure from one of the functions here, detached from pyplot (no leak; safe from several threads), for
+    front ends that keep figure objects (the app's ``gr.Plot``)."""
+    with _PYPLOT_LOCK:
+        fig = make(*args, **kwargs)
+        plt.close(fig)
     return fig
 
 

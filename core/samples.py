@@ -324,3 +324,37 @@ def make_sample(spec: str, cache_root: str | os.PathLike[str]) -> Path:
     name, kwargs = parse_sample_spec(spec)
     out = Path(cache_root) / sample_cache_key(name, kwargs)
     return MAKERS[name](out, **kwargs)
+
+
+# ---------------------------------------------------------------- choices a web visitor may make
+
+PRESETS: dict[str, str] = {  # name shown in the app -> sample spec
+    "shapes (balanced)": "sample:shapes?per_class=60&size=64",
+    "shapes (imbalanced 10:1)": "sample:shapes?per_class=60&imbalance=0.1&size=64",
+    "shapes (with train/val duplicates)": "sample:shapes?per_class=60&duplicates=10&size=64",
+    "digits": "sample:digits",
+}
+DEFAULT_PRESET = "shapes (balanced)"
+# Limits on sample specs typed by a visitor (sample generation costs CPU and disk on a shared server).
+MAX_SPEC_PER_CLASS = 300
+MAX_SPEC_IMAGE_SIZE = 256
+
+
+def preset_spec(choice: str) -> tuple[str, str, bool]:
+    """``(label, sample spec, shared)`` for a preset name or a bounded ``sample:`` spec; never a path.
+
+    ``shared`` is True for presets (generated once for every visitor). Raises ``SampleError`` naming the problem.
+    """
+    choice = (choice or "").strip()
+    if choice in PRESETS:
+        return choice, PRESETS[choice], True
+    if is_sample_spec(choice):
+        _name, kwargs = parse_sample_spec(choice)  # SampleError names the bad option
+        if kwargs.get("per_class", 0) > MAX_SPEC_PER_CLASS:
+            raise SampleError(f"per_class={kwargs['per_class']} is more than this app allows ({MAX_SPEC_PER_CLASS}); "
+                              "run `python -m core compare` locally for bigger samples")
+        if kwargs.get("image_size", 0) > MAX_SPEC_IMAGE_SIZE:
+            raise SampleError(f"size={kwargs['image_size']} is more than this app allows ({MAX_SPEC_IMAGE_SIZE})")
+        return choice, choice, False
+    raise SampleError(f"{choice!r} is not one of the built-in samples ({', '.join(PRESETS)}) or a sample spec "
+                      "such as 'sample:shapes?per_class=20&noise=0.1'. To use your own images, upload a .zip.")

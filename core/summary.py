@@ -1,6 +1,24 @@
-"""The side-by-side comparison of the arms as rows of text, shared by the CLI and the app."""
+"""A finished run's report in words and tables: the side-by-side comparison (shared by the CLI and the app), the
+speed-up sentence, per-class table, verdicts, diagnostics, misclassified images, decision threshold, and what
+was exported (files, parity and variant checks, the Triton repository).
+
+Text that may hold a visitor's words (class names, file names, messages from core) goes through ``md``, so it
+never becomes HTML in a Markdown component.
+"""
 
 from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
 
 ARM_TITLES = {"pretrained": "pretrained backbone + new head", "scratch": "from scratch (same network)"}
 
@@ -53,3 +71,198 @@ def comparison_rows(report: dict) -> list[tuple[str, dict[str, str]]]:
                   for arm, r in runs.items()}))
     rows.append(("verdict", {arm: r["verdict"]["label"] for arm, r in runs.items()}))
     return rows
+
+
+def md(text: Any) -> str:
+    """Plain text (messages from core, names from a visitor) made safe for Markdown: no HTML tags."""
+    return str(text).replace("<", "&lt;").replace(">", "&gt;")
+
+
+def speedup_text(report: dict) -> str:
+    """One sentence: how much sooner the pretrained arm reached the target (or which arm did, or neither)."""
+    target = report["target_accuracy"]
+    runs = report["runs"]
+    sp = report.get("speedup_time_to_target")
+    pre = runs.get("pretrained", {})
+    if "scratch" not in runs:
+        t = pre.get("time_to_target_seconds")
+        return (f"Pretrained reached the {target:.0%} target after **{sec(t)}**." if t is not None else
+                f"Pretrained did not reach the {target:.0%} target; best {pct(pre.get('val_accuracy'))}.")
+    if isinstance(sp, dict):
+        return (f"⚡ Scratch never reached {target:.0%}: pretrained got there **at least {sp['lower_bound']:.1f}× "
+                f"sooner** ({sec(pre['time_to_target_seconds'])} vs more than "
+                f"{sec(runs['scratch']['train_seconds'])}).")
+    if sp is not None:
+        return (f"⚡ Pretrained reached {target:.0%} **{sp:.1f}× sooner** than training from scratch "
+                f"({sec(pre['time_to_target_seconds'])} vs {sec(runs['scratch']['time_to_target_seconds'])}).")
+    t_scratch = runs["scratch"].get("time_to_target_seconds")
+    if t_scratch is not None:
+        return (f"From scratch reached {target:.0%} after {sec(t_scratch)}, the pretrained head did not "
+                f"(best {pct(pre.get('val_accuracy'))}): this data may be far from what the backbone was trained on.")
+    return f"Neither arm reached the {target:.0%} target; compare the accuracies below or train longer."
+
+
+def results_table(report: dict) -> pd.DataFrame:
+    """``comparison_rows`` as a table: one row per metric, one column per arm."""
+    rows = comparison_rows(report)
+    table = {"metric": [label for label, _ in rows]}
+    for arm in report["runs"]:
+        table[ARM_TITLES.get(arm, arm)] = [values[arm] for _, values in rows]
+    return pd.DataFrame(table)
+
+
+def per_class_table(report: dict) -> pd.DataFrame:
+    """One row per class: its support, then precision / recall / F1 of every arm."""
+    rows = []
+    for cls in report["dataset"]["classes"]:
+        row: dict[str, Any] = {"class": cls}
+        for arm, run in report["runs"].items():
+            pc = run["per_class"].get(cls, {})
+            row["support"] = pc.get("support")
+            for k in ("precision", "recall", "f1"):
+                row[f"{arm} {k}"] = round(float(pc.get(k, 0.0)), 3)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    return df[["class", "support", *[c for c in df.columns if c not in ("class", "support")]]]
+
+
+def verdicts_md(report: dict) -> str:
+    icons = {"good": "🟢", "fair": "🟠", "poor": "🔴"}
+    parts = []
+    for arm, run in report["runs"].items():
+        v = run["verdict"]
+        reasons = "".join(f"\n  - {md(r)}" for r in v["reasons"])
+        parts.append(f"- {icons.get(v['label'], '')} **{ARM_TITLES.get(arm, arm)}: "
+                     f"<span class='{v['label']}'>{v['label']}</span>**{reasons}")
+    return "### Verdicts\n" + "\n".join(parts)
+
+
+def diagnostics_md(report: dict) -> str:
+    diag = report.get("diagnostics", {})
+    lines = ["### What to watch out for"]
+    for key, title in (("imbalance", "Class imbalance"), ("leakage", "Train/validation leakage")):
+        d = diag.get(key)
+        if d:
+            lines.append(f"- {'⚠️' if d['flagged'] else '✅'} **{title}**: {md(d['message'])}")
+    for arm, d in diag.get("overfitting", {}).items():
+        lines.append(f"- {'⚠️' if d['flagged'] else '✅'} **Overfitting ({arm})**: {md(d['message'])}")
+    return "\n".join(lines)
+
+
+def misclassified_gallery(result: Any, classes: list[str], limit: int = 24) -> list[tuple[np.ndarray, str]]:
+    """``(validation crop, "arm: true → predicted confidence")`` for each arm's most confident mistakes."""
+    from core.metrics import misclassified
+
+    items = []
+    labels = np.asarray(result.val.labels)
+    for arm, run in result.runs.items():
+        probs = np.asarray(run.val_probabilities)
+        pred = probs.argmax(1)
+        for i in misclassified(labels, probs, limit):
+            caption = f"{arm}: {classes[labels[i]]} → {classes[pred[i]]} {probs[i, pred[i]]:.0%}"
+            items.append((np.ascontiguousarray(result.val.crops[i]), caption))
+    return items
+
+
+# ---------------------------------------------------------------- decision threshold (two classes)
+
+def threshold_inputs(report: dict, result: Any) -> dict[str, Any]:
+    """What ``threshold_view`` needs from a finished run (kept by a front end between requests)."""
+    return {"classes": report["dataset"]["classes"], "labels": np.asarray(result.val.labels),
+            "probs": {arm: np.asarray(r.val_probabilities) for arm, r in result.runs.items()},
+            "backbone": report["backbone"]}
+
+
+def threshold_view(last: dict, positive: str | None, threshold: float) -> tuple[str, pd.DataFrame | None]:
+    """Precision / recall of the pretrained arm when ``positive`` is predicted at probability >= ``threshold``,
+    and the confusion matrix at that threshold."""
+    from core.metrics import binary_threshold_metrics
+
+    classes = last["classes"]
+    if len(classes) != 2 or "pretrained" not in last["probs"]:
+        return "The threshold applies to two-class tasks only.", None
+    pos = classes.index(positive) if positive in classes else 1
+    probs = last["probs"]["pretrained"][:, pos]
+    m = binary_threshold_metrics(last["labels"], probs, float(threshold), classes, positive=pos)
+    pc = m["per_class"][classes[pos]]
+    text = (f"Predict **{md(classes[pos])}** when its probability ≥ **{threshold:.2f}** (pretrained arm, validation "
+            f"set): precision **{pc['precision']:.1%}**, recall **{pc['recall']:.1%}**, F1 {pc['f1']:.1%}; "
+            f"accuracy {m['val_accuracy']:.1%}, balanced accuracy {m['balanced_accuracy']:.1%}.")
+    df = pd.DataFrame(np.asarray(m["confusion_matrix"]), columns=[f"predicted {c}" for c in classes])
+    df.insert(0, "true class", classes)
+    return text, df
+
+
+# ---------------------------------------------------------------- what was exported
+
+TRITON_ZIP = "triton_repository.zip"
+
+
+@dataclass
+class ExportSummary:
+    markdown: str
+    downloads: dict[str, Path | None]  # variant name (fp32, int8, fp16), "triton", "report" -> file or None
+    checks: pd.DataFrame  # parity with PyTorch and the variants' accuracy checks
+
+
+def triton_zip(model_path: Path, run_dir: Path) -> Path:
+    """The Triton repository of ``model_path`` as ``<run_dir>/triton_repository.zip``."""
+    from export.triton import write_triton_zip
+
+    return write_triton_zip(model_path, run_dir / TRITON_ZIP, model_name="classifier")
+
+
+def _check_rows(exp: dict) -> list[dict[str, str]]:
+    rows = []
+    parity = exp.get("parity")
+    if isinstance(parity, dict):
+        diff = parity.get("max_abs_diff_probabilities", parity.get("max_abs_diff"))
+        details = [f"max |Δ probability| {diff:.1e} (allowed {parity.get('atol', 0):.0e})" if diff is not None else "",
+                   f"top-1 agreement {parity['top1_agreement']:.0%}" if "top1_agreement" in parity else "",
+                   f"{parity.get('n_images', '?')} images on {parity.get('provider', '?')}"]
+        rows.append({"model": "model.onnx (FP32) vs PyTorch", "check": "parity",
+                     "result": "✅ passed" if parity.get("passed") else "❌ failed",
+                     "details": ", ".join(d for d in details if d)})
+    for v in exp.get("variants") or []:
+        if isinstance(v, dict):
+            rows.append({"model": f"{str(v.get('variant')).upper()} variant", "check": "accuracy vs FP32",
+                         "result": "✅ accepted" if v.get("accepted") else "❌ rejected",
+                         "details": str(v.get("reason", ""))})
+    return rows
+
+
+def export_summary(report: dict, run_dir: Path, *, clean: Callable[[str], str] = str) -> ExportSummary:
+    """The exported files of a run (building its Triton repository zip), in words, as downloads and checks.
+
+    ``clean`` hides server folders in error messages shown to a visitor. A Triton repository that cannot be built
+    does not fail the run: the summary says why.
+    """
+    from export.variants import VARIANTS, variant_path
+
+    exp = report.get("export") or {}
+    model = run_dir / "model.onnx"
+    downloads: dict[str, Path | None] = {name: variant_path(model, name) for name in VARIANTS}
+    downloads["report"] = run_dir / "report.json"
+    downloads = {k: p if p is not None and p.is_file() else None for k, p in downloads.items()}
+    downloads["triton"] = None
+    lines = ["### Exported files"]
+    if exp.get("error"):
+        lines.append(f"⚠️ The ONNX export failed: {md(clean(str(exp['error'])))}")
+    elif downloads["fp32"]:
+        size = report["image_size"]
+        lines.append(f"✅ `model.onnx` ({model.stat().st_size / 1e6:.1f} MB): the pretrained arm, input uint8 RGB "
+                     f"`[N, {size}, {size}, 3]`, outputs `logits` and `probabilities`; class names and the resize "
+                     "rule are in its metadata.")
+    else:
+        lines.append("ℹ️ No ONNX model was exported for this run.")
+    if not any(isinstance(v, dict) and v.get("variant") == "fp16" for v in exp.get("variants") or []):
+        lines.append("ℹ️ An FP16 variant is built only where a CUDA GPU is available.")
+    if downloads["fp32"]:
+        try:
+            downloads["triton"] = triton_zip(model, run_dir)
+        except Exception as exc:  # noqa: BLE001 - an optional extra: reported, never fatal to the run
+            log.warning("building the Triton repository failed", exc_info=True)
+            reason = clean(str(exc).replace(str(run_dir) + os.sep, ""))
+            lines.append(f"⚠️ The Triton repository could not be built: {md(reason)} ({type(exc).__name__})")
+    checks = pd.DataFrame(_check_rows(exp), columns=["model", "check", "result", "details"])
+    return ExportSummary("\n\n".join(lines), downloads, checks)

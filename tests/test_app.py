@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,8 @@ from PIL import Image
 
 import app
 import models
+from core import sessions
+from core.summary import ARM_TITLES, results_table, speedup_text
 from tests.helpers import colour_zip
 
 TINY = "sample:shapes?per_class=8&size=32"
@@ -156,7 +159,7 @@ def _zip_error(tmp_path: Path, make) -> str:
     with pytest.raises(gr.Error) as err:
         app.load_zip(str(path), app.new_session())
     message = err.value.message
-    assert str(app.session_root()) not in message  # no server folders shown to visitors
+    assert str(app.SESSIONS.root) not in message  # no server folders shown to visitors
     return message
 
 
@@ -194,7 +197,7 @@ def test_a_broken_upload_keeps_the_dataset_loaded_before_it(app_root, tmp_path):
     with pytest.raises(gr.Error):
         app.load_zip(str(broken), state)
     assert state["dataset"] is first and all(item.path.is_file() for item in first.items)
-    uploads = app.session_dir(state) / "data"
+    uploads = app.SESSIONS.folder(state) / "data"
     assert len(list(uploads.iterdir())) == 1  # the broken upload's folder is gone
     second = data_out(app.load_zip(str(colour_zip(tmp_path / "second.zip", seed=2)), state))["state"]["dataset"]
     assert second is not first and all(item.path.is_file() for item in second.items)
@@ -211,7 +214,7 @@ def test_training_streams_progress_and_fills_every_result(trained):
     assert any("pretrained epoch" in (u["log"] if isinstance(u["log"], str) else "") for u in updates)
     assert final["status"].startswith("✅")
     table = final["results"]
-    assert list(table.columns) == ["metric", app.ARM_TITLES["pretrained"], app.ARM_TITLES["scratch"]]
+    assert list(table.columns) == ["metric", ARM_TITLES["pretrained"], ARM_TITLES["scratch"]]
     metrics = list(table["metric"])
     for row in ("validation accuracy", "balanced accuracy", "precision (macro)", "recall (macro)", "F1 (macro)",
                 "training time", "time to 85%", "speed-up to target", "verdict"):
@@ -229,7 +232,7 @@ def test_training_streams_progress_and_fills_every_result(trained):
     assert final["model_choice"]["value"] == "run:fp32"
     assert final["train_btn"]["interactive"] and not final["cancel_btn"]["interactive"]
     # every file offered for download lives inside this session's folder
-    folder = app.session_dir(final["state"])
+    folder = app.SESSIONS.folder(final["state"])
     for key in ("dl_onnx", "dl_int8", "dl_fp16", "dl_triton", "dl_report"):
         if final[key].get("value"):
             assert Path(final[key]["value"]).resolve().is_relative_to(folder.resolve())
@@ -238,7 +241,7 @@ def test_training_streams_progress_and_fills_every_result(trained):
 def test_train_without_data_or_with_bad_settings_is_a_clear_error(app_root, trained):
     with pytest.raises(gr.Error, match="Load a dataset first"):
         next(app.train(app.new_session(), **FAST, progress=_NoProgress()))
-    with pytest.raises(gr.Error, match="epochs must be at least 1"):
+    with pytest.raises(gr.Error, match="epochs must be .*1.*got 0"):
         next(app.train(trained["state"], **{**FAST, "epochs": 0}, progress=_NoProgress()))
     with pytest.raises(gr.Error, match="Unknown backbone"):
         next(app.train(trained["state"], **{**FAST, "backbone": "resnet9000"}, progress=_NoProgress()))
@@ -271,7 +274,7 @@ def test_cancel_stops_training(app_root, trained):
     app.cancel_training(state)
     rest = [dict(zip(app.TRAIN_OUTPUTS, u)) for u in gen]
     assert "cancelled" in rest[-1]["status"]
-    assert not list((app.session_dir(state) / "runs").glob("run-*"))
+    assert not list((app.SESSIONS.folder(state) / "runs").glob("run-*"))
 
 
 # ------------------------------------------------------------------------------------------------ two classes
@@ -295,7 +298,7 @@ def test_zip_upload_lists_skipped_files(two_class):
 def test_threshold_slider_changes_precision_and_recall(two_class):
     _, final = two_class
     assert final["threshold_group"]["visible"] is True
-    assert list(final["results"].columns) == ["metric", app.ARM_TITLES["pretrained"]]
+    assert list(final["results"].columns) == ["metric", ARM_TITLES["pretrained"]]
     state = final["state"]
     low_md, low_cm = app.update_threshold(state, "red", 0.01)
     high_md, high_cm = app.update_threshold(state, "red", 0.99)
@@ -313,6 +316,10 @@ def test_three_class_run_hides_the_threshold(trained):
 # ------------------------------------------------------------------------------------------------ predict
 
 
+def _run_report(trained) -> dict:
+    return json.loads(Path(trained["final"]["dl_report"]["value"]).read_text(encoding="utf-8"))
+
+
 def _val_image(trained, cls="circle") -> Path:
     ds = trained["loaded"]["state"]["dataset"]
     return next(it.path for it in ds.items if it.split == "val" and ds.classes[it.label] == cls)
@@ -325,11 +332,14 @@ def test_predict_returns_a_label_dict_with_provider_and_latency(trained):
     assert abs(sum(label.values()) - 1.0) < 1e-3
     assert "ExecutionProvider" in info and " ms" in info
     assert len(table) == 1
-    # several files at once, with the INT8 variant when it was accepted
-    choice = "run:int8" if trained["final"]["dl_int8"].get("visible") else "run:fp32"
+    # several files at once, with every model the run offers: FP32 and each variant whose export was accepted
     files = [str(_val_image(trained, c)) for c in ("circle", "square", "triangle")]
-    label, info, table = app.predict(state, choice, None, files)
-    assert len(table) == 3 and set(table["prediction"]) <= {"circle", "square", "triangle"}
+    accepted = [v["variant"] for v in _run_report(trained)["export"]["variants"] if v["accepted"]]
+    offered = [key for _, key in trained["final"]["model_choice"]["choices"]]
+    assert offered == ["run:fp32", *(f"run:{v}" for v in accepted)]
+    for choice in offered:
+        label, info, table = app.predict(state, choice, None, files)
+        assert len(table) == 3 and set(table["prediction"]) <= {"circle", "square", "triangle"}
 
 
 def test_predict_needs_a_model_and_an_image(app_root, trained):
@@ -365,7 +375,7 @@ def test_uploaded_onnx_model_is_used_and_bad_files_are_refused(trained, tmp_path
     state, choice, desc = app.upload_model(str(upload), state)
     assert choice["value"] == app.UPLOADED_MODEL and "3 classes" in desc
     stored = Path(state["uploaded_model"])
-    assert stored.is_relative_to(app.session_dir(state)) and stored != upload
+    assert stored.is_relative_to(app.SESSIONS.folder(state)) and stored != upload
     label, info, _ = app.predict(state, app.UPLOADED_MODEL, Image.open(_val_image(trained)), None)
     assert set(label) <= {"circle", "square", "triangle"}
 
@@ -373,7 +383,7 @@ def test_uploaded_onnx_model_is_used_and_bad_files_are_refused(trained, tmp_path
     bogus.write_bytes(os.urandom(256))
     with pytest.raises(gr.Error) as err:
         app.upload_model(str(bogus), app.new_session())
-    assert "ONNX" in err.value.message and str(app.session_root()) not in err.value.message
+    assert "ONNX" in err.value.message and str(app.SESSIONS.root) not in err.value.message
 
 
 # ------------------------------------------------------------------------------------------------ export & bench
@@ -384,12 +394,31 @@ def test_export_views_offer_files_parity_and_snippet(trained):
     assert "model.onnx" in final["export_md"]
     assert "parity" in set(final["parity"]["check"])
     assert final["parity"]["result"].iloc[0].endswith("passed")
-    if final["dl_triton"].get("visible"):
-        with zipfile.ZipFile(final["dl_triton"]["value"]) as zf:
-            names = zf.namelist()
-        assert any(n.endswith("config.pbtxt") for n in names) and any(n.endswith("1/model.onnx") for n in names)
+    assert final["dl_triton"]["visible"], final["export_md"]  # built from model.onnx beside it
+    with zipfile.ZipFile(final["dl_triton"]["value"]) as zf:
+        names = zf.namelist()
+    assert any(n.endswith("config.pbtxt") for n in names) and any(n.endswith("1/model.onnx") for n in names)
     snippet = app.example_snippet()
+    assert snippet == (REPO / "export" / "example_predict.py").read_text(encoding="utf-8")
     assert "onnxruntime" in snippet and "import torch" not in snippet
+
+
+def test_a_triton_repository_that_cannot_be_built_is_reported(trained, monkeypatch):
+    import export.triton
+
+    state = trained["state"]
+    run_dir = Path(state["run_dir"])
+
+    def disk_full(model_path, zip_path, **options):
+        raise OSError(f"[Errno 28] No space left on device: '{Path(zip_path).parent / '.triton-x' / 'config.pbtxt'}'")
+
+    monkeypatch.setattr(export.triton, "write_triton_zip", disk_full)
+    views = app.export_views(_run_report(trained), run_dir, state)
+    assert "Triton repository could not be built" in views["export_md"]
+    assert "No space left on device" in views["export_md"]
+    assert str(app.SESSIONS.root) not in views["export_md"]  # the server's folders stay hidden
+    assert views["dl_triton"]["visible"] is False and views["dl_triton"]["value"] is None
+    assert views["dl_onnx"]["visible"]  # the model itself is still offered
 
 
 def test_benchmark_compares_torch_and_onnxruntime(trained, monkeypatch):
@@ -406,34 +435,71 @@ def test_benchmark_compares_torch_and_onnxruntime(trained, monkeypatch):
 # ------------------------------------------------------------------------------------------------ sessions
 
 
-def test_sessions_have_private_folders_that_are_cleaned(app_root):
-    a, b = app.new_session(), app.new_session()
-    fa, fb = app.session_dir(a), app.session_dir(b)
-    assert fa != fb and fa.parent == fb.parent == app.session_root()
-    app.delete_session(a)
+def test_sessions_have_private_folders_that_are_cleaned(tmp_path):
+    store = sessions.SessionStore(tmp_path)
+    a, b = sessions.new_state(), sessions.new_state()
+    fa, fb = store.folder(a), store.folder(b)
+    assert fa != fb and fa.parent == fb.parent == store.root
+    store.delete(a)
     assert not fa.exists() and fb.exists()
-    # an idle folder is swept, an active one is kept
-    c = app.new_session()
-    fc = app.session_dir(c)
-    old = time.time() - app.SESSION_MAX_IDLE_S - 10
+    # an idle folder is swept, a busy one is kept (and cannot be deleted while busy)
+    c = sessions.new_state()
+    fc = store.folder(c)
+    old = time.time() - sessions.SESSION_MAX_IDLE_S - 10
     os.utime(fb, (old, old))
     os.utime(fc, (old, old))
-    with app._Active(c["sid"]):
-        deleted = app.sweep_sessions(min_interval_s=0)
+    with store.busy(c["sid"]):
+        deleted = store.sweep(min_interval_s=0)
+        store.delete(c)
     assert b["sid"] in deleted and not fb.exists()
     assert fc.exists()
-    # a closed tab is deleted after the grace period
-    app.mark_closed(c)
+    # a closed tab is deleted after the grace period, not before
+    store.ensure_state(c, session_hash="browser-tab-1")
+    store.closed("browser-tab-1")
     closed = fc / ".closed"
+    assert closed.exists() and store.sweep(min_interval_s=0) == []
     os.utime(closed, (old, old))
-    assert c["sid"] in app.sweep_sessions(min_interval_s=0)
+    assert store.sweep(min_interval_s=0) == [c["sid"]] and not fc.exists()
 
 
-def test_session_ids_are_never_taken_from_outside(app_root):
-    with pytest.raises(gr.Error):
-        app.session_dir({"sid": "../../etc"})
-    state = app._ensure_state({"sid": "../../etc"})
-    assert app._SID_RE.match(state["sid"])
+def test_session_ids_are_never_taken_from_outside(tmp_path):
+    store = sessions.SessionStore(tmp_path)
+    with pytest.raises(sessions.SessionError):
+        store.folder({"sid": "../../etc"})
+    state = store.ensure_state({"sid": "../../etc"})
+    assert sessions.SID_RE.match(state["sid"]) and state["sid"] != "../../etc"
+
+
+def test_server_folders_are_hidden_in_messages(tmp_path):
+    store = sessions.SessionStore(tmp_path)
+    state = sessions.new_state()
+    mine, other = store.folder(state), store.root / "0123456789abcdef"
+    text = store.clean(f"cannot read {mine / 'data' / 'x.png'} (also {mine}) or {other / 'y.png'}", state)
+    assert str(tmp_path) not in text
+    assert "cannot read data/x.png" in text and "(also your upload)" in text and "<server>" in text
+
+
+def test_runs_beyond_the_kept_number_are_deleted_oldest_first(tmp_path):
+    store = sessions.SessionStore(tmp_path)
+    state = sessions.new_state()
+    made = []
+    for i in range(5):
+        run = store.new_run_dir(state)
+        assert not run.exists() and run not in made
+        run.mkdir(parents=True)
+        os.utime(run, (1000 + i, 1000 + i))
+        made.append(run)
+    store.prune_runs(made[0].parent, keep=2)
+    assert [p.exists() for p in made] == [False, False, False, True, True]
+
+
+def test_a_busy_session_refuses_a_new_upload(tmp_path):
+    store = sessions.SessionStore(tmp_path)
+    state = store.ensure_state(None)
+    zip_path = colour_zip(tmp_path / "colours.zip")
+    with store.busy(state["sid"]), pytest.raises(sessions.SessionError, match="training run of this session"):
+        store.load_zip(state, zip_path, "colours.zip")
+    assert len(store.load_zip(state, zip_path, "colours.zip").classes) == 2
 
 
 def _report(t_pre, t_scr, sp):
@@ -453,6 +519,6 @@ def _report(t_pre, t_scr, sp):
 ])
 def test_speedup_is_explained_in_words_and_in_the_table(t_pre, t_scr, sp, text, cell):
     report = _report(t_pre, t_scr, sp)
-    assert text in app._speedup_text(report)
-    table = app.results_table(report).set_index("metric")
-    assert table.loc["speed-up to target", app.ARM_TITLES["pretrained"]] == cell
+    assert text in speedup_text(report)
+    table = results_table(report).set_index("metric")
+    assert table.loc["speed-up to target", ARM_TITLES["pretrained"]] == cell

@@ -1,0 +1,66 @@
+"""A loaded dataset for a reader: a one-paragraph summary, a few thumbnails per class, the skipped files and the
+pitfalls to check before training (class imbalance, train/validation duplicates)."""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+from PIL import Image
+
+from core import diagnostics
+from core.data import Dataset
+from core.runtime.images import open_rgb
+from core.summary import md
+
+log = logging.getLogger(__name__)
+
+
+def dataset_summary(ds: Dataset, label: str) -> str:
+    n_split = {s: sum(c.values()) for s, c in ds.counts().items()}
+    split_how = "predefined train/val folders" if ds.predefined_split else "random stratified split (seed 0)"
+    text = (f"**{md(label)}**: {len(ds.classes)} classes ({md(', '.join(ds.classes[:12]))}"
+            f"{', …' if len(ds.classes) > 12 else ''}), {len(ds.items)} images "
+            f"({', '.join(f'{s} {n}' for s, n in n_split.items())}; {split_how}).")
+    if ds.skipped:
+        text += f" {len(ds.skipped)} file(s) skipped (see the table below)."
+    return text
+
+
+def thumbnail(path, size: int = 112) -> Image.Image:
+    img = open_rgb(path)
+    img.thumbnail((size, size))
+    return img
+
+
+def dataset_gallery(ds: Dataset, max_classes: int = 12) -> list[tuple[Image.Image, str]]:
+    """A few ``(thumbnail, "class (split)")`` per class (six when there are at most four classes, else four)."""
+    gallery = []
+    per_class = 6 if len(ds.classes) <= 4 else 4
+    for ci, cls in enumerate(ds.classes[:max_classes]):
+        for item in [i for i in ds.items if i.label == ci][:per_class]:
+            try:
+                gallery.append((thumbnail(item.path), f"{cls} ({item.split})"))
+            except Exception:  # noqa: BLE001 - a thumbnail must never break the page
+                log.debug("no thumbnail for %s", item.path, exc_info=True)
+    return gallery
+
+
+def skipped_table(ds: Dataset) -> pd.DataFrame:
+    return pd.DataFrame([{"file": s.file, "reason": s.reason} for s in ds.skipped], columns=["file", "reason"])
+
+
+def dataset_warnings(ds: Dataset) -> str:
+    """Markdown: class balance, exact duplicates across splits (with examples), skipped files."""
+    balance = diagnostics.class_balance(ds.counts()["train"])
+    dupes = diagnostics.duplicate_hashes_across_splits(ds.items)
+    lines = ["### Before training", ("⚠️ " if balance["flagged"] else "✅ ") + md(balance["message"])]
+    if dupes["flagged"]:
+        pairs = dupes.get("exact_duplicates", [])[:5]
+        shown = "; ".join(f"`{ds.relpath(p['train'])}` = `{ds.relpath(p['other'])}`" for p in pairs)
+        lines.append(f"⚠️ {md(dupes['message'])} Examples: {md(shown)}")
+    else:
+        lines.append("✅ " + md(dupes["message"]))
+    if ds.skipped:
+        lines.append(f"ℹ️ {len(ds.skipped)} file(s) were skipped because they are not usable images.")
+    return "\n\n".join(lines)

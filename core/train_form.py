@@ -1,0 +1,51 @@
+"""The training form of a front end (the app's Train tab), without Gradio: the choices it offers, its defaults,
+and its values as a validated ``TrainConfig`` (through ``TrainConfig.from_dict``, the one route to a config)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import models
+from core.device import describe_device, resolve_device
+
+
+def backbone_choices() -> list[tuple[str, str]]:
+    """``(label, name)`` for every registered backbone; the label says whether it downloads weights."""
+    return [(f"{name} ({'offline' if models.get_backbone_spec(name).offline else 'downloads weights'})", name)
+            for name in models.list_backbones()]
+
+
+def device_choices() -> list[tuple[str, str]]:
+    """``(label, device)``: auto (naming what it resolves to), cpu, and cuda where a GPU is usable."""
+    auto = resolve_device("auto")
+    choices = [(f"auto → {describe_device(auto)}", "auto"), ("cpu", "cpu")]
+    if auto.type == "cuda":
+        choices.append((f"cuda ({describe_device(auto)})", "cuda"))
+    return choices
+
+
+def default_image_size() -> int:
+    """The training core's default: the backbone's own size on a GPU, 160 px on a CPU."""
+    from core.train import TrainConfig
+
+    return TrainConfig().resolved_image_size(resolve_device("auto"))
+
+
+@functools.cache  # the GPU does not come or go while the server runs: probe it once, not on every request
+def inference_device() -> str:
+    """"auto" where a CUDA GPU is visible; else "cpu", so a GPU build of onnxruntime does not warn on every load."""
+    return "auto" if resolve_device("auto").type == "cuda" else "cpu"
+
+
+def make_config(backbone: str, epochs: float, budget: float | None, image_size: float | None, target: float,
+                device: str, scratch: bool, seed: float | None = 0, unfreeze: float | None = 0) -> Any:
+    """A validated ``TrainConfig`` from the form's values; a budget or image size of 0 means none (the default).
+
+    Raises ``ConfigError`` (a ``UserError``) naming the bad value."""
+    from core.train import TrainConfig
+
+    return TrainConfig.from_dict({
+        "backbone": backbone, "epochs": epochs, "budget_seconds": budget or None, "image_size": image_size or None,
+        "target_accuracy": target, "device": device, "seed": seed or 0, "train_scratch": bool(scratch),
+        "unfreeze_blocks": unfreeze or 0})
