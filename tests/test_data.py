@@ -14,7 +14,7 @@ from PIL import Image, ImageFile
 
 from core.data import DatasetError, Item, load_dataset
 from core.runtime.files import sha256_file
-from core.runtime.images import IMAGE_EXTENSIONS, ImageDecodeError, open_rgb
+from core.runtime.images import ImageDecodeError, open_rgb
 from core.safezip import UnsafeArchiveError, safe_extract
 from core.samples import (
     SAMPLES,
@@ -60,8 +60,22 @@ def _px(im: Image.Image, xy: tuple[int, int] = (0, 0)) -> tuple[int, ...]:
 # ---------------------------------------------------------------- images
 
 
-def test_extensions_cover_common_formats() -> None:
-    assert {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"} <= IMAGE_EXTENSIONS
+def test_every_common_image_format_is_loaded_and_other_files_are_skipped(tmp_path: Path) -> None:
+    formats = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF", ".webp": "WEBP",
+               ".tif": "TIFF", ".tiff": "TIFF"}
+    written = []
+    (tmp_path / "mixed").mkdir()
+    for i, (ext, fmt) in enumerate(formats.items()):
+        for name in (f"lower{i}{ext}", f"UPPER{i}{ext.upper()}"):  # photo.JPG from cameras and Windows
+            Image.new("RGB", (8, 8), (30 * i, 200, 30)).save(tmp_path / "mixed" / name, format=fmt)
+            written.append(f"mixed/{name}")
+    (tmp_path / "mixed" / "notes.txt").write_text("a photo log, not a photo")
+    _class_tree(tmp_path, {"other": 4})
+    ds = load_dataset(tmp_path, val_fraction=0.25)
+    assert ds.classes == ["mixed", "other"]
+    mixed = sorted(ds.relpath(it) for it in ds.items if ds.classes[it.label] == "mixed")
+    assert mixed == sorted(written)  # every format, either case, decoded and used
+    assert [(s.file, s.reason) for s in ds.skipped] == [("mixed/notes.txt", "not an image file extension")]
 
 
 def test_mode_L_and_1(tmp_path: Path) -> None:

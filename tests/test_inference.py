@@ -24,7 +24,7 @@ import models
 from core.runtime.contract import ModelFormatError
 from core.runtime.images import resize_and_crop
 from core.runtime.predictor import OnnxFeatureExtractor, Predictor
-from core.runtime.providers import CPU, CUDA, TENSORRT, default_threads, select_providers
+from core.runtime.providers import CPU, CUDA, TENSORRT, default_threads
 from export.onnx_export import cached_backbone_onnx, export_classifier
 from models.preprocess import ImageClassifier, ImagePreprocess
 
@@ -171,29 +171,71 @@ def test_wrong_metadata_values_are_named(model, tmp_path):
         Predictor(tmp_path / "m.onnx", device="cpu")
 
 
-@pytest.mark.parametrize(("available", "device", "tensorrt", "expected"), [
-    ([TENSORRT, CUDA, CPU], "auto", False, [CUDA, CPU]),
-    ([TENSORRT, CUDA, CPU], "auto", True, [TENSORRT, CUDA, CPU]),
-    ([TENSORRT, CUDA, CPU], "cuda", True, [TENSORRT, CUDA, CPU]),
-    ([TENSORRT, CUDA, CPU], "cpu", True, [CPU]),
-    ([CUDA, CPU], "auto", True, [CUDA, CPU]),
-    ([CUDA, CPU], "cpu", False, [CPU]),
-    ([CPU], "cuda", False, [CPU]),
-    ([CPU], "auto", True, [CPU]),
-    (["CoreMLExecutionProvider", CPU], "auto", False, [CPU]),
-])
-def test_select_providers(available, device, tensorrt, expected):
-    assert select_providers(available, device, tensorrt=tensorrt) == expected
-
-
-def test_tensorrt_needs_the_env_opt_in(monkeypatch):
-    available = [TENSORRT, CUDA, CPU]
+@pytest.fixture
+def gpu_machine(monkeypatch) -> list[list]:
+    """What create_session sees on a machine with a GPU and onnxruntime-gpu built with TensorRT. The providers it
+    asks onnxruntime for are recorded; the session itself opens on the CPU (this build cannot run CUDA here), so
+    each test also sees what Predictor reports when the GPU did not start."""
+    monkeypatch.setattr(providers.ort, "get_available_providers", lambda: [TENSORRT, CUDA, CPU])
+    monkeypatch.setattr(providers, "nvidia_gpu_visible", lambda: True)
+    monkeypatch.setattr(providers, "_preload_gpu_libraries", lambda: None)
     monkeypatch.delenv("TRANSFER_LAB_TENSORRT", raising=False)
-    assert select_providers(available, "auto") == [CUDA, CPU]
+    requested: list[list] = []
+    open_session = providers.open_session
+
+    def recording_open(path, provider_list, options=None):
+        requested.append(list(provider_list))
+        return open_session(path, [CPU], options)
+
+    monkeypatch.setattr(providers, "open_session", recording_open)
+    return requested
+
+
+def test_cpu_device_never_asks_for_a_gpu_provider(model, gpu_machine, monkeypatch):
     monkeypatch.setenv("TRANSFER_LAB_TENSORRT", "1")
-    assert select_providers(available, "auto") == [TENSORRT, CUDA, CPU]
-    with pytest.raises(ValueError, match="device must be one of"):
-        select_providers(available, "gpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # running on the CPU is what was asked for: no fallback warning
+        predictor = Predictor(model[0], device="cpu")
+    assert gpu_machine == [[CPU]]
+    assert predictor.provider == CPU and predictor.fallback_warning is None
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_gpu_machine_asks_for_cuda_then_cpu_and_says_when_the_cpu_runs(model, gpu_machine, device):
+    with pytest.warns(RuntimeWarning, match="running on the CPU"):
+        predictor = Predictor(model[0], device=device)
+    assert gpu_machine == [[CUDA, CPU]]  # TensorRT is not tried without the opt-in (engines take minutes)
+    assert predictor.provider == CPU and "running on the CPU" in predictor.fallback_warning
+    assert predictor.predict([photo(0)])[0]["provider"] == CPU
+
+
+def test_tensorrt_is_tried_first_only_when_opted_in_with_its_engines_in_the_lab_cache(model, gpu_machine,
+                                                                                       monkeypatch, lab_cache):
+    for value, with_tensorrt in (("1", True), ("true", True), ("0", False), ("", False)):
+        monkeypatch.setenv("TRANSFER_LAB_TENSORRT", value)
+        gpu_machine.clear()
+        with pytest.warns(RuntimeWarning, match="running on the CPU"):
+            Predictor(model[0], device="auto")
+        (asked,) = gpu_machine
+        if not with_tensorrt:
+            assert asked == [CUDA, CPU], value
+            continue
+        (name, options), *rest = asked
+        assert name == TENSORRT and rest == [CUDA, CPU], value
+        assert options["trt_engine_cache_enable"] and Path(options["trt_engine_cache_path"]).parent == lab_cache
+
+
+def test_providers_this_project_does_not_use_are_not_asked_for(model, monkeypatch):
+    monkeypatch.setattr(providers.ort, "get_available_providers", lambda: ["CoreMLExecutionProvider", CPU])
+    requested = []
+    open_session = providers.open_session
+    monkeypatch.setattr(providers, "open_session",
+                        lambda path, provider_list, options=None: requested.append(list(provider_list))
+                        or open_session(path, provider_list, options))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no CUDA here, so running on the CPU is no fallback
+        predictor = Predictor(model[0], device="auto")
+    assert requested == [[CPU]] and predictor.provider == CPU
 
 
 def test_cuda_requested_without_cuda_warns_and_runs_on_cpu(model, monkeypatch):
@@ -258,8 +300,66 @@ def test_check_model_file_runs_the_model_in_a_child_process(model, tmp_path):
     assert not bad["ok"] and bad["error"]
 
 
-def test_default_threads_is_sane():
-    assert 1 <= default_threads() <= 8
+def cpuinfo(sockets: int, cores: int, threads: int) -> str:
+    """/proc/cpuinfo as x86 Linux writes it: one block per logical CPU (hyperthreads are listed after all cores)."""
+    blocks, n = [], 0
+    for _ in range(threads):
+        for socket in range(sockets):
+            for core in range(cores):
+                blocks.append(f"processor\t: {n}\nvendor_id\t: GenuineIntel\nmodel name\t: Xeon\n"
+                              f"physical id\t: {socket}\nsiblings\t: {cores * threads}\ncore id\t\t: {core}\n"
+                              f"cpu cores\t: {cores}\nflags\t\t: fpu sse avx2\n")
+                n += 1
+    return "\n".join(blocks)
+
+
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 50.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32
+CPU implementer\t: 0x41
+CPU part\t: 0xd0c
+
+processor\t: 1
+BogoMIPS\t: 50.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32
+CPU implementer\t: 0x41
+CPU part\t: 0xd0c
+"""
+
+
+def test_physical_cores_counts_cores_not_hyperthreads():
+    two_by_two = cpuinfo(sockets=2, cores=2, threads=2)
+    assert two_by_two.count("processor") == 8
+    assert providers.physical_cores(two_by_two, 8) == 4  # core ids repeat per socket: (socket, core) pairs
+    assert providers.physical_cores(two_by_two, 3) == 3  # an affinity smaller than the cores
+    assert providers.physical_cores(cpuinfo(sockets=1, cores=6, threads=1), 6) == 6
+    assert providers.physical_cores(ARM_CPUINFO, 2) == 2  # no core ids: every logical CPU counts
+    assert providers.physical_cores("", 5) == 5
+
+
+@pytest.mark.parametrize(("affinity", "text", "expected"), [
+    (range(8), cpuinfo(2, 2, 2), 4),  # 2 sockets x 2 cores with hyperthreading: the 4 cores
+    (range(2), cpuinfo(2, 2, 2), 2),  # taskset / a container limited to 2 CPUs
+    (range(64), cpuinfo(2, 16, 2), 8),  # 32 cores: capped, more threads rarely help a small CNN
+    (range(2), ARM_CPUINFO, 2),
+    (range(3), None, 3),  # no /proc/cpuinfo: the CPUs this process may use
+])
+def test_default_threads_uses_the_allowed_physical_cores(tmp_path, monkeypatch, affinity, text, expected):
+    path = tmp_path / "cpuinfo"
+    if text is not None:
+        path.write_text(text)
+    monkeypatch.setattr(providers, "CPUINFO", str(path))
+    monkeypatch.setattr(providers.os, "sched_getaffinity", lambda pid: set(affinity), raising=False)
+    assert default_threads() == expected
+
+
+def test_default_threads_without_sched_getaffinity(tmp_path, monkeypatch):
+    monkeypatch.setattr(providers, "CPUINFO", str(tmp_path / "missing"))
+    monkeypatch.delattr(providers.os, "sched_getaffinity", raising=False)  # macOS, Windows
+    monkeypatch.setattr(providers.os, "cpu_count", lambda: 6)
+    assert default_threads() == 6
+    monkeypatch.setattr(providers.os, "cpu_count", lambda: None)  # unknown
+    assert default_threads() == 1
 
 
 @pytest.mark.cuda

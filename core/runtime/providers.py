@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
 TENSORRT_ENV = "TRANSFER_LAB_TENSORRT"
 MAX_DEFAULT_THREADS = 8
+CPUINFO = "/proc/cpuinfo"  # read by default_threads (a module constant so tests can point it at their own text)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -98,7 +99,7 @@ def default_threads() -> int:
     except AttributeError:
         logical = os.cpu_count() or 1
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
+        with open(CPUINFO, encoding="utf-8") as f:
             physical = physical_cores(f.read(), logical)
     except OSError:
         physical = logical
