@@ -554,8 +554,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = configure(args.session_root)
     # Build the default backbone's cached ONNX feature engine while the first visitor looks at the Data tab.
-    threading.Thread(target=warm_up_feature_engine, daemon=True,
-                     args=(models.DEFAULT_BACKBONE, default_image_size(), resolve_device("auto"))).start()
+    warm_up_feature_engine(models.DEFAULT_BACKBONE, default_image_size(), resolve_device("auto"))
     demo = build_app(root, concurrency=args.concurrency)
     demo.queue(max_size=64, default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=args.max_file_size,

@@ -9,10 +9,11 @@ from matplotlib.figure import Figure
 
 from core import plots
 from core.summary import md
+from export.variants import VARIANTS
 
 ENGINE_TITLES = {"torch": "PyTorch eager", "torch_nchw": "PyTorch eager (NCHW float input)",
-                 "onnx_fp32": "onnxruntime FP32", "onnx_int8": "onnxruntime INT8"}
-ENGINE_COLORS = ["#7f7f7f", "#1f77b4", "#2ca02c", "#ff7f0e"]
+                 **{f"onnx_{name}": f"onnxruntime {v.label}" for name, v in VARIANTS.items()}}  # export.bench.ENGINES
+ENGINE_COLORS = ["#7f7f7f", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"]
 COLUMNS = ["engine", "batch size", "latency (ms)", "images/s", "speed-up vs PyTorch", "CPU time in kernel"]
 
 

@@ -279,7 +279,9 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from core.jobs import epoch_line
     from core.report import write_run
+    from core.summary import summary_text
     from core.train import Callbacks, run_compare
 
     cfg = config_from_args(args)
@@ -300,8 +302,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         bar.set_postfix_str(message, refresh=False)
 
     def epoch(arm: str, rec: dict) -> None:
-        tqdm.write(f"{arm:10s} epoch {rec['epoch']:3d}  {rec['seconds']:7.1f}s  train acc {rec['train_accuracy']:.3f}"
-                   f"  val acc {rec['val_accuracy']:.3f}  val loss {rec['val_loss']:.3f}")
+        tqdm.write(epoch_line(arm, rec, cfg.epochs))
 
     result = run_compare(ds, cfg, Callbacks(progress=progress, epoch=epoch), arms=arms)
     for bar in bars.values():
@@ -310,34 +311,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(summary_text(result.report))
     print(f"\nwrote {len(paths)} files to {args.out}: {', '.join(sorted(p.name for p in paths.values()))}")
     return 0
-
-
-def summary_text(report: dict) -> str:
-    """The comparison as a short text table plus verdicts and flagged diagnostics."""
-    from core.summary import comparison_rows
-
-    runs = report["runs"]
-    rows = [("", *runs)] + [(label, *values.values()) for label, values in comparison_rows(report)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    sp = report.get("speedup_time_to_target")
-    if isinstance(sp, dict):
-        lines.append(f"speedup to target: more than {sp['lower_bound']:.1f}x (scratch never reached it)")
-    elif sp is not None:
-        lines.append(f"speedup to target: {sp:.1f}x")
-    for arm, r in runs.items():
-        lines.append(f"{arm} verdict: {r['verdict']['label']} ({'; '.join(r['verdict']['reasons'])})")
-    diag = report["diagnostics"]
-    for name in ("imbalance", "leakage"):
-        if diag[name]["flagged"]:
-            lines.append(f"WARNING {name}: {diag[name]['message']}")
-    for arm, d in diag["overfitting"].items():
-        if d["flagged"]:
-            lines.append(f"WARNING overfitting ({arm}): {d['message']}")
-    exp = report.get("export") or {}
-    if exp.get("error"):
-        lines.append(f"export failed: {exp['error']}")
-    return "\n".join(lines)
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [

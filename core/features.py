@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from typing import Protocol
 
@@ -21,6 +22,8 @@ import torch
 
 import models
 from models.preprocess import ImagePreprocess
+
+from .config import FEATURE_ENGINES
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ def make_feature_extractor(
     backbone: str, image_size: int, device: torch.device, *, engine: str = "auto"
 ) -> FeatureEngine:
     """``engine``: "auto" (onnxruntime on CPU, torch on CUDA), "torch" or "onnxruntime"."""
-    if engine not in ("auto", "torch", "onnxruntime"):
+    if engine not in FEATURE_ENGINES:
         raise ValueError(f"Unknown feature engine {engine!r}: use auto, torch or onnxruntime.")
     if engine == "onnxruntime" or (engine == "auto" and device.type == "cpu"):
         try:
@@ -90,9 +93,29 @@ def extract_all(
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def warm_up_feature_engine(backbone: str, image_size: int, device: torch.device) -> None:
-    """Build (and cache) the feature engine ahead of the first training run; failures are only logged."""
-    try:
-        make_feature_extractor(backbone, image_size, device)
-    except Exception as exc:  # noqa: BLE001 - a warm-up must never take the app down
-        log.warning("feature engine warm-up failed: %s", exc)
+_warm_up: threading.Thread | None = None
+
+
+def warm_up_feature_engine(backbone: str, image_size: int, device: torch.device) -> threading.Thread:
+    """Build (and cache) the feature engine in a background thread ahead of the first training run; failures are
+    only logged. ``run_compare`` waits for it (``wait_for_warm_up``): torch's exporter must not run beside a
+    training thread, since torch.fx keeps global tracing state (a seed call during an export failed with
+    ``KeyError: 'custom'``)."""
+    global _warm_up
+
+    def build() -> None:
+        try:
+            make_feature_extractor(backbone, image_size, device)
+        except Exception as exc:  # noqa: BLE001 - a warm-up must never take the app down
+            log.warning("feature engine warm-up failed: %s", exc)
+
+    _warm_up = threading.Thread(target=build, name="feature-engine-warm-up", daemon=True)
+    _warm_up.start()
+    return _warm_up
+
+
+def wait_for_warm_up() -> None:
+    """Block until a warm-up started by ``warm_up_feature_engine`` has finished (at once if none runs)."""
+    thread = _warm_up
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.config import TrainConfig
 from core.data import Dataset
 
 # (scratch arm?, backbone blocks fine-tuned?) -> stage -> (start, end) on the overall progress bar. Measured on
@@ -96,11 +97,10 @@ def epoch_line(arm: str, record: dict, epochs: int) -> str:
 
 @dataclass
 class TrainingJob:
-    """Train and compare on ``dataset`` with ``cfg`` (a ``core.train.TrainConfig``), then write the run (with its
-    ONNX export) into ``run_dir``."""
+    """Train and compare on ``dataset`` with ``cfg``, then write the run (with its ONNX export) into ``run_dir``."""
 
     dataset: Dataset
-    cfg: Any
+    cfg: TrainConfig
     run_dir: Path
     cancel_event: threading.Event = field(default_factory=threading.Event)
     progress_interval: float = 1.0

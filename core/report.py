@@ -25,7 +25,6 @@ CONFIG = "config.json"  # the run's TrainConfig; `python -m core compare --confi
 MANIFEST = "manifest.csv"
 LEARNING_CURVES = "learning_curves.png"
 CONFUSION = "confusion_matrices.png"
-TRITON_ZIP = "triton_repository.zip"  # written beside the run by the app's Export tab
 
 
 def state_dict_file(arm: str) -> str:
@@ -34,7 +33,7 @@ def state_dict_file(arm: str) -> str:
 
 def run_file_names() -> frozenset[str]:
     """Every name this project writes into a run folder: what a new run there replaces (or removes as stale)."""
-    from export.runs import model_filename
+    from export.runs import TRITON_ZIP, model_filename
     from export.variants import VARIANTS, variant_path
 
     models_ = {variant_path(model_filename(arm), v).name for arm in ARMS for v in VARIANTS}

@@ -8,8 +8,6 @@ never becomes HTML in a Markdown component.
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +15,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-log = logging.getLogger(__name__)
 
 ARM_TITLES = {"pretrained": "pretrained backbone + new head", "scratch": "from scratch (same network)"}
 
@@ -137,15 +133,39 @@ def verdicts_md(report: dict) -> str:
     return "### Verdicts\n" + "\n".join(parts)
 
 
-def diagnostics_md(report: dict) -> str:
+def diagnostic_items(report: dict) -> list[tuple[str, bool, str]]:
+    """The pitfall checks of a run as (title, flagged, message): imbalance, leakage, then overfitting per arm."""
     diag = report.get("diagnostics", {})
+    items = [(title, d["flagged"], d["message"]) for key, title in (("imbalance", "Class imbalance"),
+                                                                     ("leakage", "Train/validation leakage"))
+             if (d := diag.get(key))]
+    items += [(f"Overfitting ({arm})", d["flagged"], d["message"]) for arm, d in diag.get("overfitting", {}).items()]
+    return items
+
+
+def diagnostics_md(report: dict) -> str:
     lines = ["### What to watch out for"]
-    for key, title in (("imbalance", "Class imbalance"), ("leakage", "Train/validation leakage")):
-        d = diag.get(key)
-        if d:
-            lines.append(f"- {'⚠️' if d['flagged'] else '✅'} **{title}**: {md(d['message'])}")
-    for arm, d in diag.get("overfitting", {}).items():
-        lines.append(f"- {'⚠️' if d['flagged'] else '✅'} **Overfitting ({arm})**: {md(d['message'])}")
+    lines += [f"- {'⚠️' if flagged else '✅'} **{title}**: {md(message)}"
+              for title, flagged, message in diagnostic_items(report)]
+    return "\n".join(lines)
+
+
+def summary_text(report: dict) -> str:
+    """The comparison for a terminal: the side-by-side table, the speed-up sentence, verdicts and the pitfalls
+    that were flagged (the app shows the same, as tables and Markdown)."""
+    runs = report["runs"]
+    rows = [("", *runs)] + [(label, *values.values()) for label, values in comparison_rows(report)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append(speedup_text(report).replace("**", "").removeprefix("⚡ "))
+    lines += [f"{arm} verdict: {r['verdict']['label']} ({'; '.join(r['verdict']['reasons'])})"
+              for arm, r in runs.items()]
+    lines += [f"WARNING {title}: {message}" for title, flagged, message in diagnostic_items(report) if flagged]
+    exp = report.get("export") or {}
+    if exp.get("error"):
+        lines.append(f"export failed: {exp['error']}")
+    if (exp.get("triton") or {}).get("error"):
+        lines.append(f"Triton repository not built: {exp['triton']['error']}")
     return "\n".join(lines)
 
 
@@ -195,21 +215,11 @@ def threshold_view(last: dict, positive: str | None, threshold: float) -> tuple[
 
 # ---------------------------------------------------------------- what was exported
 
-TRITON_ZIP = "triton_repository.zip"
-
-
 @dataclass
 class ExportSummary:
     markdown: str
     downloads: dict[str, Path | None]  # variant name (fp32, int8, fp16), "triton", "report" -> file or None
     checks: pd.DataFrame  # parity with PyTorch and the variants' accuracy checks
-
-
-def triton_zip(model_path: Path, run_dir: Path) -> Path:
-    """The Triton repository of ``model_path`` as ``<run_dir>/triton_repository.zip``."""
-    from export.triton import write_triton_zip
-
-    return write_triton_zip(model_path, run_dir / TRITON_ZIP, model_name="classifier")
 
 
 def _check_rows(exp: dict) -> list[dict[str, str]]:
@@ -232,10 +242,10 @@ def _check_rows(exp: dict) -> list[dict[str, str]]:
 
 
 def export_summary(report: dict, run_dir: Path, *, clean: Callable[[str], str] = str) -> ExportSummary:
-    """The exported files of a run (building its Triton repository zip), in words, as downloads and checks.
+    """The exported files of a run, in words, as downloads and checks.
 
-    ``clean`` hides server folders in error messages shown to a visitor. A Triton repository that cannot be built
-    does not fail the run: the summary says why.
+    ``clean`` hides server folders in error messages shown to a visitor. A Triton repository that could not be
+    built (``export.runs.write_triton``) did not fail the run: the summary says why.
     """
     from export.variants import VARIANTS, variant_path
 
@@ -257,12 +267,10 @@ def export_summary(report: dict, run_dir: Path, *, clean: Callable[[str], str] =
         lines.append("ℹ️ No ONNX model was exported for this run.")
     if not any(isinstance(v, dict) and v.get("variant") == "fp16" for v in exp.get("variants") or []):
         lines.append("ℹ️ An FP16 variant is built only where a CUDA GPU is available.")
-    if downloads["fp32"]:
-        try:
-            downloads["triton"] = triton_zip(model, run_dir)
-        except Exception as exc:  # noqa: BLE001 - an optional extra: reported, never fatal to the run
-            log.warning("building the Triton repository failed", exc_info=True)
-            reason = clean(str(exc).replace(str(run_dir) + os.sep, ""))
-            lines.append(f"⚠️ The Triton repository could not be built: {md(reason)} ({type(exc).__name__})")
+    triton = exp.get("triton") or {}
+    if triton.get("file") and (run_dir / triton["file"]).is_file():
+        downloads["triton"] = run_dir / triton["file"]
+    elif triton.get("error"):
+        lines.append(f"⚠️ The Triton repository could not be built: {md(clean(triton['error']))}")
     checks = pd.DataFrame(_check_rows(exp), columns=["model", "check", "result", "details"])
     return ExportSummary("\n\n".join(lines), downloads, checks)

@@ -29,10 +29,10 @@ from models.classifier import make_head
 from models.preprocess import ImagePreprocess
 
 from . import diagnostics
-from .config import ConfigError, TrainConfig  # noqa: F401 - ConfigError re-exported: callers import it from here
+from .config import TrainConfig
 from .data import Dataset
 from .device import resolve_device
-from .features import extract_all, make_feature_extractor
+from .features import extract_all, make_feature_extractor, wait_for_warm_up
 from .metrics import classification_metrics, misclassified, verdict
 from .runtime.images import center_crop, open_rgb, resize_shorter
 
@@ -396,6 +396,9 @@ def run_compare(dataset: Dataset, cfg: TrainConfig | None = None, callbacks: Cal
     spec = models.get_backbone_spec(cfg.backbone)
     image_size = cfg.resolved_image_size(device)
     classes = dataset.classes
+
+    callbacks.report("decode", 0.0, "preparing the feature engine")
+    wait_for_warm_up()  # a server's start-up export must not run beside training (see warm_up_feature_engine)
 
     callbacks.report("decode", 0.0, "decoding images")
     train_items, val_items, test_items = (dataset.split(s) for s in ("train", "val", "test"))

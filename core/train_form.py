@@ -4,9 +4,9 @@ and its values as a validated ``TrainConfig`` (through ``TrainConfig.from_dict``
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import models
+from core.config import TrainConfig
 from core.device import describe_device, resolve_device
 
 
@@ -27,8 +27,6 @@ def device_choices() -> list[tuple[str, str]]:
 
 def default_image_size() -> int:
     """The training core's default: the backbone's own size on a GPU, 160 px on a CPU."""
-    from core.train import TrainConfig
-
     return TrainConfig().resolved_image_size(resolve_device("auto"))
 
 
@@ -39,12 +37,10 @@ def inference_device() -> str:
 
 
 def make_config(backbone: str, epochs: float, budget: float | None, image_size: float | None, target: float,
-                device: str, scratch: bool, seed: float | None = 0, unfreeze: float | None = 0) -> Any:
+                device: str, scratch: bool, seed: float | None = 0, unfreeze: float | None = 0) -> TrainConfig:
     """A validated ``TrainConfig`` from the form's values; a budget or image size of 0 means none (the default).
 
     Raises ``ConfigError`` (a ``UserError``) naming the bad value."""
-    from core.train import TrainConfig
-
     return TrainConfig.from_dict({
         "backbone": backbone, "epochs": epochs, "budget_seconds": budget or None, "image_size": image_size or None,
         "target_accuracy": target, "device": device, "seed": seed or 0, "train_scratch": bool(scratch),

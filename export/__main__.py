@@ -12,6 +12,7 @@ from export.errors import ExportError
 
 
 def cmd_onnx(args: argparse.Namespace) -> int:
+    from core.report import run_file_names
     from core.runtime.files import write_json_atomic
     from export.quantize import MAX_CALIBRATION_IMAGES
     from export.runs import export_run, load_run_classifier, load_run_images, report_key
@@ -29,12 +30,17 @@ def cmd_onnx(args: argparse.Namespace) -> int:
         calib_images_uint8=calib, tolerance=args.tolerance, variants=variants,
     )
     report[report_key(args.arm)] = section
+    # report.json lists exactly the run's files in the folder: the new model files in, rejected variants out.
+    report.setdefault("artifacts", {})["files"] = sorted(n for n in run_file_names() if (run_dir / n).is_file())
     write_json_atomic(run_dir / "report.json", report)
     parity = section["parity"]
     print(f"wrote {run_dir / section['model']}: parity max |dp| {parity['max_abs_diff_probabilities']:.2e}, "
           f"top-1 agreement {parity['top1_agreement']:.3f} on {parity['n_images']} images ({parity['provider']})")
     for v in section["variants"]:
         print(f"  {v['variant']}: {'kept ' + v['path'] if v['accepted'] else 'rejected'} ({v['reason']})")
+    if "triton" in section:
+        triton = section["triton"]
+        print(f"  Triton repository: {triton['file'] or 'not built: ' + triton['error']}")
     return 0
 
 

@@ -124,11 +124,11 @@ def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] 
     """Median latency (ms) and throughput (images/s) per engine and batch size, and the speed-up ratios.
 
     Engines: ``torch`` (eager, CPU, the exported classifier's uint8 NHWC input; from ``torch_model`` or rebuilt
-    from ``run_dir``), ``torch_nchw`` (the same network called on a contiguous NCHW float batch), ``onnx_fp32``, and
-    ``onnx_<variant>`` for each variant file beside the model (``model.int8.onnx``; FP16 only on a GPU). All get the same uint8 inputs and thread count. Without
-    ``run_dir``, the model's own folder is used when it is a run folder (it holds ``report.json``).
-    Each ratio comes with its range over ``rounds`` alternating rounds. ``tuned_malloc`` calls
-    ``keep_freed_memory`` first, for a like-for-like torch baseline (see ``allocator_note``).
+    from ``run_dir``), ``torch_nchw`` (the same network called on a contiguous NCHW float batch), ``onnx_fp32``,
+    and ``onnx_<variant>`` for each variant file beside the model (``model.int8.onnx``; FP16 only on a GPU). All
+    get the same uint8 inputs and thread count. Without ``run_dir``, the model's own folder is used when it is a
+    run folder (it holds ``report.json``). Each ratio comes with its range over ``rounds`` alternating rounds.
+    ``tuned_malloc`` calls ``keep_freed_memory`` first, for a like-for-like torch baseline (see ``allocator_note``).
     """
     model_path = Path(model_path)
     tuned = keep_freed_memory() if tuned_malloc else False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -17,9 +18,14 @@ import models
 from core.runtime.contract import FORMAT
 from core.runtime.errors import UserError
 from core.runtime.images import ImageDecodeError, open_rgb, to_array
+from export import triton
 from export.onnx_export import DEFAULT_OPSET, TRAINING_MODES, export_classifier
 from export.quantize import calibration_indices
 from export.variants import build_variants
+
+log = logging.getLogger(__name__)
+
+TRITON_ZIP = "triton_repository.zip"  # the pretrained arm's Triton model repository
 
 
 class RunFolderError(UserError, ValueError):
@@ -43,7 +49,8 @@ def export_run(run_dir: str | os.PathLike[str], classifier: models.Classifier, *
                image_size: int, training_mode: str, metrics: dict | None, val_images_uint8: np.ndarray | None,
                val_labels: np.ndarray | list[int] | None, calib_images_uint8: np.ndarray | None,
                tolerance: float = 0.01, variants: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Export one arm of a run to ``run_dir`` (FP32 + accepted variants); return its ``report.json`` section.
+    """Export one arm of a run to ``run_dir`` (FP32 + accepted variants, and for the pretrained arm, the one to
+    deploy, its Triton repository as a zip); return its ``report.json`` section.
 
     Store the result under ``report[report_key(training_mode)]``. Paths in it are relative to ``run_dir``.
     """
@@ -52,7 +59,7 @@ def export_run(run_dir: str | os.PathLike[str], classifier: models.Classifier, *
     run_dir = Path(run_dir)
     path = run_dir / model_filename(training_mode)
     result = export_classifier(classifier, path, image_size=image_size, classes=classes,
-                                      training_mode=training_mode, metrics=metrics, parity_images=val_images_uint8)
+                               training_mode=training_mode, metrics=metrics, parity_images=val_images_uint8)
     if val_images_uint8 is None:
         val_images_uint8, val_labels = np.zeros((0, image_size, image_size, 3), np.uint8), []
     built = build_variants(path, calib_images_uint8, val_images_uint8, val_labels if val_labels is not None else [],
@@ -71,7 +78,19 @@ def export_run(run_dir: str | os.PathLike[str], classifier: models.Classifier, *
         "parity": result["parity"],
         "tolerance": tolerance,
         "variants": built,
+        **({"triton": write_triton(path, run_dir)} if training_mode == "pretrained" else {}),
     }
+
+
+def write_triton(model_path: Path, run_dir: Path) -> dict[str, str | None]:
+    """``run_dir/triton_repository.zip`` for ``model_path``: ``{"file": name, "error": None}``, or the file None and
+    the reason. An optional extra: a failure is recorded (and logged with its traceback), never fatal to the run."""
+    try:
+        triton.write_triton_zip(model_path, run_dir / TRITON_ZIP, model_name="classifier")
+    except Exception as exc:  # noqa: BLE001 - reported in report.json and the app, see above
+        log.warning("building the Triton repository failed", exc_info=True)
+        return {"file": None, "error": f"{str(exc).replace(str(run_dir) + os.sep, '')} ({type(exc).__name__})"}
+    return {"file": TRITON_ZIP, "error": None}
 
 
 def load_run_classifier(run_dir: str | os.PathLike[str], training_mode: str = "pretrained"

@@ -403,22 +403,35 @@ def test_export_views_offer_files_parity_and_snippet(trained):
     assert "onnxruntime" in snippet and "import torch" not in snippet
 
 
-def test_a_triton_repository_that_cannot_be_built_is_reported(trained, monkeypatch):
+def test_a_triton_repository_that_cannot_be_built_is_reported(trained, monkeypatch, tmp_path):
     import export.triton
+    from export.runs import write_triton
 
     state = trained["state"]
     run_dir = Path(state["run_dir"])
+    report = _run_report(trained)
+    assert report["export"]["triton"] == {"file": "triton_repository.zip", "error": None}
+    assert "triton_repository.zip" in report["artifacts"]["files"]
 
     def disk_full(model_path, zip_path, **options):
         raise OSError(f"[Errno 28] No space left on device: '{Path(zip_path).parent / '.triton-x' / 'config.pbtxt'}'")
 
     monkeypatch.setattr(export.triton, "write_triton_zip", disk_full)
-    views = app.export_views(_run_report(trained), run_dir, state)
+    staged = tmp_path / "run"  # as export_run sees it: the run's staging folder
+    staged.mkdir()
+    shutil.copyfile(run_dir / "model.onnx", staged / "model.onnx")
+    recorded = write_triton(staged / "model.onnx", staged)
+    assert recorded["file"] is None and "No space left on device" in recorded["error"]
+    assert str(staged) not in recorded["error"] and "OSError" in recorded["error"]
+
+    # The app shows it (cleaned of server folders), hides the Triton download and still offers the model.
+    leaky = {**recorded, "error": recorded["error"] + f" under {run_dir}"}
+    views = app.export_views({**report, "export": {**report["export"], "triton": leaky}}, run_dir, state)
     assert "Triton repository could not be built" in views["export_md"]
     assert "No space left on device" in views["export_md"]
-    assert str(app.SESSIONS.root) not in views["export_md"]  # the server's folders stay hidden
+    assert str(app.SESSIONS.root) not in views["export_md"]
     assert views["dl_triton"]["visible"] is False and views["dl_triton"]["value"] is None
-    assert views["dl_onnx"]["visible"]  # the model itself is still offered
+    assert views["dl_onnx"]["visible"]
 
 
 def test_benchmark_compares_torch_and_onnxruntime(trained, monkeypatch):

@@ -155,3 +155,21 @@ def test_unknown_backbone_is_a_clear_cli_error(tmp_path, capsys):
     code = main(["compare", "--data", TINY, "--out", str(tmp_path), "--backbone", "resnet_18"])
     assert code == 2
     assert "Did you mean 'resnet18'" in capsys.readouterr().err
+
+
+def test_the_terminal_summary_tells_what_the_app_tells(run_dir):
+    from core.summary import summary_text
+
+    report = json.loads((run_dir / "report.json").read_text())
+    report["diagnostics"]["leakage"].update(flagged=True, message="3 validation images are copies of training ones")
+    report["diagnostics"]["imbalance"].update(flagged=False, message="classes are balanced")
+    text = summary_text(report)
+    assert "**" not in text and "<" not in text  # the app's Markdown, read in a terminal
+    target = f"{report['target_accuracy']:.0%}"
+    sentences = [line for line in text.splitlines() if target in line and line.endswith(".")]
+    assert len(sentences) == 1 and ("pretrained" in sentences[0].lower() or "neither" in sentences[0].lower())
+    for arm, run in report["runs"].items():
+        assert f"{arm} verdict: {run['verdict']['label']}" in text
+    assert "WARNING Train/validation leakage: 3 validation images are copies of training ones" in text
+    assert "classes are balanced" not in text  # only what was flagged
+    assert "Triton repository not built" not in text

@@ -350,6 +350,11 @@ def test_cli_onnx_exports_a_run_and_records_it(exported, tmp_path, capsys):
     info = read_model_info(run / "model.onnx")
     assert info.classes == tuple(CLASSES)
     assert json.loads(read_metadata(run / "model.onnx")["metrics"])["f1_macro"] == 0.4
+    assert section["triton"] == {"file": "triton_repository.zip", "error": None}
+    with zipfile.ZipFile(run / "triton_repository.zip") as archive:
+        assert "classifier/1/model.onnx" in archive.namelist()
+    # report.json now lists the run's files as they are: manifest and weights, plus what the export wrote.
+    assert report["artifacts"]["files"] == sorted(p.name for p in run.iterdir())
     assert "wrote" in capsys.readouterr().out
 
     assert cli_main(["onnx", "--run", str(run), "--arm", "scratch"]) == 2

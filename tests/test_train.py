@@ -10,13 +10,14 @@ import torch
 
 import models
 from core import diagnostics
+from core.config import ConfigError, TrainConfig
 from core.data import load_dataset
 from core.features import TorchFeatureExtractor
 from core.metrics import classification_metrics, verdict
 from core.report import run_file_names, write_run
 from core.runtime.files import CACHE_ENV
 from core.runtime.images import to_array
-from core.train import Callbacks, ConfigError, TrainConfig, TrainingCancelled, run_compare, speedup, time_to_target
+from core.train import Callbacks, TrainingCancelled, run_compare, speedup, time_to_target
 from models.preprocess import ImagePreprocess
 
 TINY = "sample:shapes?per_class=10&size=32"
@@ -373,3 +374,34 @@ def test_misclassified_most_confident_first():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.05, 0.95]])
     assert misclassified([0, 0, 0, 1], probs) == [1, 2]
     assert misclassified([0, 0, 0, 1], probs, limit=1) == [1]
+
+
+def test_training_waits_for_the_servers_feature_engine_warm_up(monkeypatch):
+    """The app builds the feature engine in a thread at start-up; torch's exporter and a training thread must not
+    run at once (torch.fx keeps global state: a seed call during an export failed with KeyError), so run_compare
+    starts only once the warm-up is done."""
+    import threading
+
+    import core.features as features
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_build(*args, **kwargs):  # the warm-up's build, held until released
+        started.set()
+        release.wait(60)
+
+    monkeypatch.setattr(features, "make_feature_extractor", slow_build)
+    warm_up = features.warm_up_feature_engine("efficientnet_lite0", 32, torch.device("cpu"))
+    assert started.wait(10)
+    messages, results = [], []
+    cfg = TrainConfig(**{**FAST, "epochs": 1, "train_scratch": False})
+    run = threading.Thread(target=lambda: results.append(
+        run_compare(load_dataset(TINY), cfg, Callbacks(progress=lambda stage, frac, msg: messages.append(msg)))))
+    run.start()
+    run.join(timeout=3)
+    assert run.is_alive() and messages == ["preparing the feature engine"]  # nothing decoded or trained yet
+    release.set()
+    run.join(timeout=120)
+    warm_up.join(timeout=10)
+    assert not run.is_alive() and results and results[0].report["runs"]["pretrained"]["epochs_run"] == 1
+    assert any(m.startswith("decoded") for m in messages)
