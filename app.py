@@ -33,10 +33,10 @@ from core.data import Dataset
 from core.data_view import dataset_gallery, dataset_summary, dataset_warnings, skipped_table
 from core.device import describe_device, resolve_device
 from core.features import warm_up_feature_engine
-from core.jobs import Cancelled, Epoch, Failed, Progress, TrainingJob, epoch_line, live_runs
+from core.jobs import Cancelled, Epoch, Failed, Finished, Progress, TrainingJob, epoch_line, live_runs
 from core.predict_view import classify, model_description
-from core.runtime.errors import USER_ERRORS
-from core.runtime.images import as_rgb, open_rgb
+from core.runtime.errors import UserError
+from core.runtime.images import ImageDecodeError, as_rgb, open_rgb
 from core.samples import DEFAULT_PRESET, PRESETS, preset_spec
 from core.train_form import backbone_choices, default_image_size, device_choices, inference_device, make_config
 from export.variants import VARIANTS, variant_path
@@ -87,8 +87,9 @@ def _state(state: Any, request: gr.Request | None = None) -> dict:
 
 
 def _error(exc: BaseException, title: str, state: dict | None = None, hint: str = "") -> gr.Error:
-    """A visitor's mistake shows its own (cleaned) message; anything else is a bug: logged, shown generically."""
-    if isinstance(exc, USER_ERRORS):
+    """A visitor's mistake shows its own (cleaned) message; anything else is the server's problem (a bug, a full
+    disk): logged with its traceback, shown generically."""
+    if isinstance(exc, UserError):  # not OSError: a full disk or a permission problem is the server's, not theirs
         return gr.Error(SESSIONS.clean(exc, state), title=getattr(exc, "title", None) or title)
     log.error("%s", title, exc_info=exc)
     return gr.Error(f"Something went wrong on the server ({type(exc).__name__}); it has been logged. {hint}".strip(),
@@ -221,27 +222,28 @@ def train(state: dict | None, backbone: str, epochs: float, budget: float | None
                    speedup="", results=None, verdicts="", confusion=None, per_class=None, mistakes=None,
                    diagnostics="", threshold_group=gr.update(visible=False), train_btn=gr.update(interactive=False),
                    cancel_btn=gr.update(interactive=True))
-        for end in events:
-            if isinstance(end, Progress):
-                progress(end.overall, desc=end.message)
-                yield _out(TRAIN_OUTPUTS, status=f"⏳ {end.message} ({end.elapsed:.0f} s)")
-            elif isinstance(end, Epoch):
-                log_lines.append(epoch_line(end.arm, end.record, cfg.epochs))
-                curves = plots.detached(plots.learning_curves, live_runs(end.history, cfg.target_accuracy),
+        for event in events:  # Progress and Epoch while it runs, then one of Finished, Failed, Cancelled
+            if isinstance(event, Progress):
+                progress(event.overall, desc=event.message)
+                yield _out(TRAIN_OUTPUTS, status=f"⏳ {event.message} ({event.elapsed:.0f} s)")
+            elif isinstance(event, Epoch):
+                log_lines.append(epoch_line(event.arm, event.record, cfg.epochs))
+                curves = plots.detached(plots.learning_curves, live_runs(event.history, cfg.target_accuracy),
                                         cfg.target_accuracy)
                 yield _out(TRAIN_OUTPUTS, log="\n".join(log_lines), curves=curves)
-    if isinstance(end, Cancelled):
+    if isinstance(event, Cancelled):
         state["cancel"] = threading.Event()
         yield _out(TRAIN_OUTPUTS, state=state, status="🛑 Training cancelled. Change the settings and train again.",
                    log="\n".join([*log_lines, "cancelled"]), **_IDLE)
         return
-    if isinstance(end, Failed):
-        raise _error(end.error, "Training failed", state, "Try a smaller image size or fewer epochs.")
-    state["run_dir"] = str(end.run_dir)
-    SESSIONS.prune_runs(end.run_dir.parent)
+    if isinstance(event, Failed):
+        raise _error(event.error, "Training failed", state, "Try a smaller image size or fewer epochs.")
+    finished: Finished = event
+    state["run_dir"] = str(finished.run_dir)
+    SESSIONS.prune_runs(finished.run_dir.parent)
     progress(1.0, desc="done")
-    views = results_views(end.result.report, end.result, end.run_dir, state)
-    log_lines.append(f"finished in {end.elapsed:.1f} s; files in the Export tab")
+    views = results_views(finished.result.report, finished.result, finished.run_dir, state)
+    log_lines.append(f"finished in {finished.elapsed:.1f} s; files in the Export tab")
     yield _out(TRAIN_OUTPUTS, state=state, log="\n".join(log_lines), **views, **_IDLE)
 
 
@@ -316,8 +318,8 @@ def predict(state: dict | None, model_choice: str | None, image: Any, files: Any
         p = _upload_path(f)
         try:
             inputs.append((_upload_name(f, p), open_rgb(p)))
-        except USER_ERRORS as exc:
-            raise gr.Error(f"{_upload_name(f, p)} is not a readable image ({getattr(exc, 'reason', exc)}).") from None
+        except ImageDecodeError as exc:
+            raise gr.Error(f"{_upload_name(f, p)} is not a readable image ({exc.reason}).") from None
     if not inputs:
         raise gr.Error("Upload an image (or paste one / use the webcam) to classify.", title="No image")
     with _errors_shown_as("Prediction failed", state):
@@ -356,7 +358,7 @@ def _data_tab() -> dict[str, Any]:
                                  info="or type a spec such as sample:shapes?per_class=30&noise=0.1", elem_id="preset")
             zip_in = gr.File(label="…or upload a .zip of class folders (cats/…, dogs/…)", file_types=[".zip"],
                              type="filepath", elem_id="zip-upload")
-            summary = gr.Markdown("Loading the sample…", elem_id="data-summary")
+            data_summary = gr.Markdown("Loading the sample…", elem_id="data-summary")
             warnings = gr.Markdown(elem_id="data-warnings")
         with gr.Column(scale=3, min_width=320):
             counts_plot = gr.Plot(label="Images per class", show_label=False, elem_id="counts-plot")
@@ -364,7 +366,7 @@ def _data_tab() -> dict[str, Any]:
                          elem_id="data-gallery", allow_preview=True, fit_columns=False)
     with gr.Accordion("Skipped files (with the reason)", open=False):
         skipped = gr.Dataframe(headers=["file", "reason"], interactive=False, wrap=True, elem_id="skipped")
-    return dict(preset=preset, zip_in=zip_in, summary=summary, warnings=warnings, counts_plot=counts_plot,
+    return dict(preset=preset, zip_in=zip_in, summary=data_summary, warnings=warnings, counts_plot=counts_plot,
                 gallery=gallery, skipped=skipped)
 
 
@@ -539,7 +541,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
     p.add_argument("--max-file-size", default="200mb", help="largest upload accepted (default 200mb)")
     p.add_argument("--concurrency", type=int, default=1,
-                   help="training jobs that run at once (default 1; others wait in the queue)")
+                   help="training jobs that run at once (default 1; others wait in the queue). Above 1, one job's "
+                        "ONNX export can break another's training: torch's exporter keeps process-wide state")
     p.add_argument("--session-root", default=None,
                    help="folder for the per-session data, runs and models (default: $TRANSFER_LAB_APP_ROOT or "
                         "<tmp>/transfer-lab-app)")

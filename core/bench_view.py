@@ -54,8 +54,11 @@ def benchmark_md(result: dict[str, Any], device: str) -> str:
     note = allocator_note(result) if batches else None
     if note:
         lines.append(f"- ⚠️ {md(note)}")
-    if not any("onnx_int8" in row for row in batches.values()):
-        lines.append("- no INT8 model: the variant was not built or lost too much accuracy (see the Export tab).")
+    for name, variant in VARIANTS.items():
+        if variant.build is not None and not variant.needs_cuda and not any(f"onnx_{name}" in row
+                                                                            for row in batches.values()):
+            lines.append(f"- no {variant.label} model: the variant was not built or lost too much accuracy (see the "
+                         "Export tab).")
     return "\n".join(lines)
 
 

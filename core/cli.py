@@ -15,13 +15,24 @@ from collections.abc import Callable, Sequence
 from core import __version__
 from core.config import FIELDS, ConfigError, TrainConfig, read_config_file, rule
 from core.data import SPLITS, Dataset, load_dataset
+from core.runtime.devices import DEVICES
 from core.runtime.errors import USER_ERRORS
-from core.runtime.providers import DEVICES
 from core.samples import SAMPLES
 
 # Errors caused by user input (core.runtime.errors) are printed as "error: <message>" with this exit code and no
 # traceback; anything else is a bug and keeps its traceback.
 EXIT_USER_ERROR = 2
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (shared by both CLIs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; use e.g. 3") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -238,7 +249,7 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify images with an exported .onnx model (one JSON line per image)")
     p.add_argument("--model", required=True, metavar="M.onnx", help="a model.onnx exported by this project")
     p.add_argument("images", nargs="+", metavar="IMG", help="image files")
-    p.add_argument("--top-k", type=int, default=3, help="labels per image (default 3)")
+    p.add_argument("--top-k", type=positive_int, default=3, help="labels per image (default 3)")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: CUDA provider when usable, else CPU")
     p.set_defaults(func=cmd_predict)

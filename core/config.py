@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .runtime.devices import DEVICES
 from .runtime.errors import UserError
-from .runtime.providers import DEVICES
 
 if TYPE_CHECKING:
     import torch

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from core.runtime.devices import DEVICES
 from core.runtime.errors import UserError
-from core.runtime.providers import DEVICES
 
 
 class DeviceError(UserError, ValueError):

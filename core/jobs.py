@@ -56,7 +56,6 @@ class Epoch:
 @dataclass(frozen=True)
 class Finished:
     result: Any  # core.train.CompareResult
-    paths: dict[str, Path]  # what write_run wrote
     run_dir: Path
     elapsed: float
 
@@ -119,8 +118,8 @@ class TrainingJob:
         try:
             result = run_compare(self.dataset, self.cfg, callbacks)
             put(("progress", "export", 0.0, "exporting ONNX (parity check, INT8 variant)…"))
-            paths = write_run(result, self.run_dir, export=True)
-            put(("finished", result, paths))
+            write_run(result, self.run_dir, export=True)
+            put(("finished", result))
         except TrainingCancelled:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             put(("cancelled",))
@@ -158,7 +157,7 @@ class TrainingJob:
                     yield Epoch(arm, record, {a: list(h) for a, h in history.items()})
                     last = now
                 elif kind == "finished":
-                    yield Finished(item[1], item[2], self.run_dir, now - start)
+                    yield Finished(item[1], self.run_dir, now - start)
                     return
                 elif kind == "failed":
                     yield Failed(item[1])

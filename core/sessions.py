@@ -26,6 +26,7 @@ from typing import Any
 
 from core.data import Dataset, load_dataset
 from core.runtime.errors import UserError
+from core.runtime.files import cache_dir
 from core.runtime.predictor import PredictorCache, check_model_file
 from core.safezip import safe_extract
 from core.samples import preset_spec
@@ -175,12 +176,15 @@ class SessionStore:
             return sid in self._active
 
     def clean(self, message: Any, state: dict | None = None) -> str:
-        """A message with server folders hidden (the session's own folder reads as "your upload")."""
+        """A message with server folders hidden (the session's own folder reads as "your upload"; the sessions
+        root, the cache and the temp folder as "<server>")."""
         text = str(message)
         if _sid(state):
             mine = str(self.root / state["sid"])
             text = text.replace(mine + os.sep, "").replace(mine, "your upload")
-        return text.replace(str(self.root), "<server>")
+        for folder in sorted({str(self.root), str(cache_dir()), tempfile.gettempdir()}, key=len, reverse=True):
+            text = text.replace(folder, "<server>")
+        return text
 
     # ------------------------------------------------------------------------------------------ runs
 
@@ -311,4 +315,3 @@ class SessionStore:
 
 
 STORE = SessionStore()
-PREDICTORS = STORE.predictors

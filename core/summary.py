@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from export.variants import VARIANTS, variant_path
+
 ARM_TITLES = {"pretrained": "pretrained backbone + new head", "scratch": "from scratch (same network)"}
 
 
@@ -235,7 +237,9 @@ def _check_rows(exp: dict) -> list[dict[str, str]]:
                      "details": ", ".join(d for d in details if d)})
     for v in exp.get("variants") or []:
         if isinstance(v, dict):
-            rows.append({"model": f"{str(v.get('variant')).upper()} variant", "check": "accuracy vs FP32",
+            name = str(v.get("variant"))
+            label = VARIANTS[name].label if name in VARIANTS else name
+            rows.append({"model": f"{label} variant", "check": "accuracy vs FP32",
                          "result": "✅ accepted" if v.get("accepted") else "❌ rejected",
                          "details": str(v.get("reason", ""))})
     return rows
@@ -247,8 +251,6 @@ def export_summary(report: dict, run_dir: Path, *, clean: Callable[[str], str] =
     ``clean`` hides server folders in error messages shown to a visitor. A Triton repository that could not be
     built (``export.runs.write_triton``) did not fail the run: the summary says why.
     """
-    from export.variants import VARIANTS, variant_path
-
     exp = report.get("export") or {}
     model = run_dir / "model.onnx"
     downloads: dict[str, Path | None] = {name: variant_path(model, name) for name in VARIANTS}
@@ -265,8 +267,10 @@ def export_summary(report: dict, run_dir: Path, *, clean: Callable[[str], str] =
                      "rule are in its metadata.")
     else:
         lines.append("ℹ️ No ONNX model was exported for this run.")
-    if not any(isinstance(v, dict) and v.get("variant") == "fp16" for v in exp.get("variants") or []):
-        lines.append("ℹ️ An FP16 variant is built only where a CUDA GPU is available.")
+    tried = {v.get("variant") for v in exp.get("variants") or [] if isinstance(v, dict)}
+    for name, variant in VARIANTS.items():
+        if variant.needs_cuda and name not in tried:
+            lines.append(f"ℹ️ An {variant.label} variant is built only where a CUDA GPU is available.")
     triton = exp.get("triton") or {}
     if triton.get("file") and (run_dir / triton["file"]).is_file():
         downloads["triton"] = run_dir / triton["file"]

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from core.cli import positive_int
 from core.runtime.errors import USER_ERRORS
 from export.errors import ExportError
 
@@ -84,15 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="exported .onnx file")
     p.add_argument("--out", required=True, help="model repository folder, or a .zip file to write it into")
     p.add_argument("--name", help="Triton model name (default: the file name without .onnx)")
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-batch-size", type=positive_int, default=32)
     p.set_defaults(func=cmd_triton)
 
     p = sub.add_parser("bench", help="latency of torch eager vs onnxruntime FP32 vs INT8")
     p.add_argument("--model", required=True, help="exported .onnx file (INT8 sibling used when present)")
     p.add_argument("--run", help="run folder, to rebuild the PyTorch model for comparison")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (default: 1 16)")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--threads", type=int, help="intra-op threads for every engine (default: physical cores)")
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 16], help="batch sizes (default: 1 16)")
+    p.add_argument("--repeats", type=positive_int, default=20)
+    p.add_argument("--threads", type=positive_int, help="intra-op threads for every engine (default: physical cores)")
     p.add_argument("--tuned-malloc", action="store_true",
                    help="keep freed memory in the process (glibc mallopt) so torch eager does not page-fault its "
                         "buffers in on every call: the like-for-like torch baseline")

@@ -17,8 +17,9 @@ try:
 except ImportError:  # pragma: no cover - Windows
     resource = None
 
+from core.runtime.devices import CPU
 from core.runtime.predictor import Predictor, read_model_info
-from core.runtime.providers import CPU, default_threads
+from core.runtime.providers import default_threads
 from export.variants import OPTIONAL, VARIANTS, variant_path
 
 PAUSE_S = 0.2  # between engine blocks; see _time_rounds

@@ -25,10 +25,10 @@ from core.runtime.contract import (
     model_metadata,
     set_metadata,
 )
+from core.runtime.devices import CPU
 from core.runtime.files import atomic_write, cache_dir
 from core.runtime.images import check_batch
 from core.runtime.predictor import read_model_info
-from core.runtime.providers import CPU
 from export.errors import ExportError, ParityError
 from export.verify import check_parity, compare_outputs, cpu_session, run_onnx, torch_outputs
 from models.preprocess import ImageClassifier, ImagePreprocess
@@ -75,9 +75,9 @@ def _cpu_copy(module: nn.Module) -> nn.Module:
 
 
 def export_classifier(classifier: models.Classifier, path: str | os.PathLike[str], *, image_size: int,
-                             classes: list[str], training_mode: str, metrics: dict | None = None,
-                             opset: int = DEFAULT_OPSET, parity_images: np.ndarray | None = None,
-                             atol: float = 1e-4) -> dict[str, Any]:
+                      classes: list[str], training_mode: str, metrics: dict | None = None,
+                      opset: int = DEFAULT_OPSET, parity_images: np.ndarray | None = None,
+                      atol: float = 1e-4) -> dict[str, Any]:
     """Export ``classifier`` as uint8 ``image`` [N, S, S, 3] -> ``logits``, ``probabilities``.
 
     The file is written atomically after ``onnx.checker`` (full check) and a parity check against PyTorch on

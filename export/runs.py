@@ -100,7 +100,10 @@ def load_run_classifier(run_dir: str | os.PathLike[str], training_mode: str = "p
     report_path = run_dir / "report.json"
     if not report_path.is_file():
         raise FileNotFoundError(f"{report_path} not found; pass the folder written by `python -m core compare`.")
-    report = json.loads(report_path.read_text(encoding="utf-8"))
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise RunFolderError(f"{report_path} is not valid JSON ({exc}); rerun `python -m core compare`.") from None
     weights = run_dir / f"{training_mode}.pt"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found: this run has no trained {training_mode!r} arm; "

@@ -9,8 +9,14 @@ import tempfile
 from pathlib import Path
 
 from core.runtime.contract import INPUT_NAME, OUTPUT_NAMES
+from core.runtime.errors import UserError
 from core.runtime.predictor import read_model_info
 from export.variants import VARIANTS
+
+
+class TritonError(UserError, ValueError):
+    """The model or the requested repository settings cannot make a Triton repository; the message says why."""
+
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_GPU", "KIND_CPU")
@@ -65,17 +71,17 @@ def write_triton_repository(model_path: str | os.PathLike[str], out_dir: str | o
     """
     info = read_model_info(model_path)
     if info.kind != "classifier":
-        raise ValueError(f"{model_path} is a {info.kind!r} model; Triton export expects a classifier.")
+        raise TritonError(f"{model_path} is a {info.kind!r} model; Triton export expects a classifier.")
     name = model_name or re.sub(r"[^A-Za-z0-9_.-]", "_", Path(model_path).stem)
     if not _NAME.match(name):
-        raise ValueError(f"model_name {name!r} is not a valid Triton model name; use letters, digits, '_', '-', '.'.")
+        raise TritonError(f"model_name {name!r} is not a valid Triton model name; use letters, digits, '_', '-', '.'.")
     if max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be >= 1 (the exported batch axis is dynamic), got {max_batch_size}.")
+        raise TritonError(f"max_batch_size must be >= 1 (the exported batch axis is dynamic), got {max_batch_size}.")
     if instance_count < 1:
-        raise ValueError(f"instance_count must be >= 1, got {instance_count}.")
+        raise TritonError(f"instance_count must be >= 1, got {instance_count}.")
     bad = [c for c in info.classes if "\n" in c or "\r" in c]
     if bad:
-        raise ValueError(f"class names {bad!r} contain line breaks and cannot be written to labels.txt.")
+        raise TritonError(f"class names {bad!r} contain line breaks and cannot be written to labels.txt.")
     if instance_kind is None:
         instance_kind = VARIANTS[info.variant].triton_kind if info.variant in VARIANTS else "KIND_AUTO"
     config = triton_config(name, image_size=info.image_size, num_classes=info.num_classes,
@@ -94,7 +100,7 @@ def write_triton_zip(model_path: str | os.PathLike[str], zip_path: str | os.Path
     """
     zip_path = Path(zip_path)
     if zip_path.suffix != ".zip":
-        raise ValueError(f"the Triton archive must end in .zip, got {zip_path.name!r}.")
+        raise TritonError(f"the Triton archive must end in .zip, got {zip_path.name!r}.")
     zip_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".triton-", dir=zip_path.parent) as tmp:
         write_triton_repository(model_path, Path(tmp) / "repository", **options)

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
+from core.runtime.devices import CPU, CUDA
 from core.runtime.files import temp_path
 from core.runtime.predictor import read_model_info
-from core.runtime.providers import CPU, CUDA, cuda_usable
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,25 @@ def variant_path(fp32_path: str | os.PathLike[str], variant: str) -> Path:
     """``model.onnx`` -> ``model.int8.onnx`` / ``model.fp16.onnx`` (``fp32``: the path itself)."""
     path = Path(fp32_path)
     return path.with_name(f"{path.stem}{get_variant(variant).suffix}{path.suffix}")
+
+
+def cuda_usable() -> bool:
+    """True when onnxruntime can actually run a session on CUDA (not just list the provider)."""
+    if CUDA not in ort.get_available_providers():
+        return False
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the probe's own failure is expected on CPU-only machines
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=[CUDA, CPU])
+    except Exception:
+        return False
+    return session.get_providers()[0] == CUDA
 
 
 def default_variants() -> tuple[str, ...]:

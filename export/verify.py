@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from core.runtime.contract import INPUT_NAME
+from core.runtime.devices import CPU
 from core.runtime.images import check_batch
-from core.runtime.providers import CPU
 from models.preprocess import ImageClassifier
 
 

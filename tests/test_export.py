@@ -371,6 +371,21 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert "not a readable ONNX model" in capsys.readouterr().err
 
 
+def test_cli_user_mistakes_are_one_line_errors_not_tracebacks(exported, tmp_path, capsys):
+    """Each a mistake in what the user typed or pointed at: ``error: ...`` and exit code 2."""
+    assert cli_main(["triton", "--model", str(exported[0]), "--out", str(tmp_path / "r"), "--name", "bad name"]) == 2
+    assert "not a valid Triton model name" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.json").write_text("{not json", encoding="utf-8")
+    assert cli_main(["onnx", "--run", str(tmp_path / "run")]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+    for argv in (["bench", "--model", str(exported[0]), "--threads", "0"],
+                 ["triton", "--model", str(exported[0]), "--out", str(tmp_path / "r"), "--max-batch-size", "0"]):
+        with pytest.raises(SystemExit) as exit_info:  # argparse refuses it before anything runs
+            cli_main(argv)
+        assert exit_info.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
 def test_benchmark_reports_ratios(exported, tmp_path):
     path = tmp_path / "model.onnx"
     shutil.copyfile(exported[0], path)

@@ -22,9 +22,10 @@ import core.runtime.predictor as predictor_module
 import core.runtime.providers as providers
 import models
 from core.runtime.contract import ModelFormatError
+from core.runtime.devices import CPU, CUDA, TENSORRT
 from core.runtime.images import resize_and_crop
 from core.runtime.predictor import OnnxFeatureExtractor, Predictor
-from core.runtime.providers import CPU, CUDA, TENSORRT, default_threads
+from core.runtime.providers import default_threads
 from export.onnx_export import cached_backbone_onnx, export_classifier
 from models.preprocess import ImageClassifier, ImagePreprocess
 

@@ -5,6 +5,7 @@
 - ``predictor``: ``Predictor`` (classify images), ``OnnxFeatureExtractor``, ``PredictorCache``, the child-process
   model check;
 - ``providers``: execution-provider choice (CUDA / TensorRT / CPU), thread counts, session creation;
+- ``devices``: the device and provider names (no onnxruntime import, for a CLI's ``--help``);
 - ``images``: decoding any image file to RGB and the resize + centre-crop rule shared by training and serving;
 - ``files``: atomic writes, the cache folder, file hashes;
 - ``errors``: ``UserError``, the base of every error a user's input can cause.

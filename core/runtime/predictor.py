@@ -22,8 +22,9 @@ import onnxruntime as ort
 from PIL import Image
 
 from core.runtime.contract import FEATURES_OUTPUT, INPUT_NAME, OUTPUT_NAMES, ModelInfo, bad_model, parse_metadata
+from core.runtime.devices import CPU, GPU_PROVIDERS
 from core.runtime.images import ImageInput, as_rgb, check_batch, resize_and_crop
-from core.runtime.providers import CPU, GPU_PROVIDERS, check_model_path, create_session, open_session
+from core.runtime.providers import check_model_path, create_session, open_session
 
 
 def check_signature(session: ort.InferenceSession, info: ModelInfo) -> None:

@@ -13,19 +13,14 @@ from pathlib import Path
 import onnxruntime as ort
 
 from core.runtime.contract import EXPORT_HINT, bad_model
+from core.runtime.devices import CPU, CUDA, DEVICES, GPU_PROVIDERS, TENSORRT
 from core.runtime.files import cache_dir
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda")
 TENSORRT_ENV = "TRANSFER_LAB_TENSORRT"
 MAX_DEFAULT_THREADS = 8
 CPUINFO = "/proc/cpuinfo"  # read by default_threads (a module constant so tests can point it at their own text)
-
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-TENSORRT = "TensorrtExecutionProvider"
-GPU_PROVIDERS = (TENSORRT, CUDA)
 
 
 def check_model_path(path: Path) -> None:
@@ -187,24 +182,3 @@ def create_session(path: Path, device: str = "auto", *, intra_op_threads: int | 
         log.warning(message)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
     return session, message
-
-
-
-
-def cuda_usable() -> bool:
-    """True when onnxruntime can actually run a session on CUDA (not just list the provider)."""
-    if CUDA not in ort.get_available_providers():
-        return False
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # the probe's own failure is expected on CPU-only machines
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=[CUDA, CPU])
-    except Exception:
-        return False
-    return session.get_providers()[0] == CUDA

@@ -1,0 +1,11 @@
+"""Device and execution-provider names: plain constants, no onnxruntime import, so a CLI can offer them in its
+``--help`` at no start-up cost."""
+
+from __future__ import annotations
+
+DEVICES = ("auto", "cpu", "cuda")  # what a user may ask for; "auto": CUDA where usable, else the CPU
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+GPU_PROVIDERS = (TENSORRT, CUDA)
