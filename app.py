@@ -62,24 +62,14 @@ CSS = """
 #verdicts .good {color: #15803d; font-weight: 600}
 #verdicts .fair {color: #b45309; font-weight: 600}
 #verdicts .poor {color: #b91c1c; font-weight: 600}
-.small-note {font-size: 0.85em; opacity: 0.8}
 """
 
 
 # -------- Sessions and errors ----------------------------------------------------------------------------------
 
-def new_session() -> dict[str, Any]:
-    """The initial value of the per-browser-session ``gr.State`` (Gradio calls it once per session)."""
-    return sessions.new_state()
-
-
-def configure(session_root_dir: str | os.PathLike[str] | None = None) -> Path:
-    return SESSIONS.configure(session_root_dir)
-
-
-def delete_session(state: Any) -> None:
-    """``gr.State`` delete callback: remove the session folder and its cached predictors."""
-    SESSIONS.delete(state)
+new_session = sessions.new_state  # the initial value of each browser session's gr.State
+configure = SESSIONS.configure  # the folder that holds every session's folder
+delete_session = SESSIONS.delete  # gr.State's delete callback: the session's folder and cached predictors go
 
 
 def _state(state: Any, request: gr.Request | None = None) -> dict:
@@ -155,11 +145,6 @@ def load_zip(file: Any, state: dict | None, request: gr.Request = None) -> tuple
     with _errors_shown_as("Cannot use this dataset", state):
         ds = SESSIONS.load_zip(state, src, name)
     return _loaded(state, f"upload {name}", ds)
-
-
-def on_page_load(state: dict | None, choice: str, request: gr.Request = None) -> tuple:
-    """New browser session: sweep old session folders, then load the selected sample so Train works at once."""
-    return load_sample(choice, state, request)
 
 
 def on_unload(request: gr.Request = None) -> None:
@@ -495,7 +480,7 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurre
     """The events. Data requests share a small pool, training and the benchmark one queue, predictions run wide."""
     state, data_out, train_out = c["state"], [c[n] for n in DATA_OUTPUTS], [c[n] for n in TRAIN_OUTPUTS]
     data = dict(concurrency_limit=2, concurrency_id="data")
-    demo.load(on_page_load, [state, c["preset"]], data_out, api_visibility="private", **data)
+    demo.load(load_sample, [c["preset"], state], data_out, api_visibility="private", **data)  # Train works at once
     c["preset"].input(load_sample, [c["preset"], state], data_out, api_name="load_sample", **data)
     c["zip_in"].upload(load_zip, [c["zip_in"], state], data_out, api_name="load_zip", **data)
     # Train: the click arms a fresh cancel flag (unqueued, so Cancel works while queued), then the job waits its turn.
