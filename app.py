@@ -67,7 +67,11 @@ CSS = """
 
 # -------- Sessions and errors ----------------------------------------------------------------------------------
 
-new_session = sessions.new_state  # the initial value of each browser session's gr.State
+def new_session() -> dict[str, Any]:
+    """The initial value of each browser session's ``gr.State`` (Gradio also lists it in the API by this name)."""
+    return sessions.new_state()
+
+
 configure = SESSIONS.configure  # the folder that holds every session's folder
 delete_session = SESSIONS.delete  # gr.State's delete callback: the session's folder and cached predictors go
 
@@ -145,6 +149,12 @@ def load_zip(file: Any, state: dict | None, request: gr.Request = None) -> tuple
     with _errors_shown_as("Cannot use this dataset", state):
         ds = SESSIONS.load_zip(state, src, name)
     return _loaded(state, f"upload {name}", ds)
+
+
+def on_page_load(state: dict | None, choice: str, request: gr.Request = None) -> tuple:
+    """New browser session: load the selected sample so Train works at once (its own function, so the public API
+    name ``load_sample`` stays with the dropdown's event)."""
+    return load_sample(choice, state, request)
 
 
 def on_unload(request: gr.Request = None) -> None:
@@ -480,7 +490,7 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurre
     """The events. Data requests share a small pool, training and the benchmark one queue, predictions run wide."""
     state, data_out, train_out = c["state"], [c[n] for n in DATA_OUTPUTS], [c[n] for n in TRAIN_OUTPUTS]
     data = dict(concurrency_limit=2, concurrency_id="data")
-    demo.load(load_sample, [c["preset"], state], data_out, api_visibility="private", **data)  # Train works at once
+    demo.load(on_page_load, [state, c["preset"]], data_out, api_visibility="private", **data)
     c["preset"].input(load_sample, [c["preset"], state], data_out, api_name="load_sample", **data)
     c["zip_in"].upload(load_zip, [c["zip_in"], state], data_out, api_name="load_zip", **data)
     # Train: the click arms a fresh cancel flag (unqueued, so Cancel works while queued), then the job waits its turn.
