@@ -37,7 +37,7 @@ from core.jobs import Cancelled, Epoch, Failed, Finished, Progress, TrainingJob,
 from core.predict_view import classify, model_description
 from core.runtime.errors import UserError
 from core.runtime.images import ImageDecodeError, as_rgb, open_rgb
-from core.samples import DEFAULT_PRESET, PRESETS, preset_spec
+from core.samples import DEFAULT_PRESET, PRESETS
 from core.train_form import backbone_choices, default_image_size, device_choices, inference_device, make_config
 from export.variants import VARIANTS, variant_path
 
@@ -131,9 +131,7 @@ def load_sample(choice: str, state: dict | None, request: gr.Request = None) -> 
     """Load a built-in sample (preset name or a ``sample:`` spec). Outputs: ``DATA_OUTPUTS``."""
     state = _state(state, request)
     SESSIONS.sweep()
-    with _errors_shown_as("Unknown sample"):
-        preset_spec(choice)
-    with _errors_shown_as("Cannot use this dataset", state):
+    with _errors_shown_as("Cannot use this dataset", state):  # a SampleError brings its own title
         label, ds = SESSIONS.load_sample(state, choice)
     return _loaded(state, label, ds)
 

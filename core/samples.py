@@ -35,6 +35,8 @@ SAMPLES: dict[str, str] = {
 class SampleError(UserError, ValueError):
     """A sample spec or sample parameter is invalid."""
 
+    title = "Unknown sample"  # a short heading for a front end's error box
+
 
 # knob name in the spec -> (keyword argument of make_shapes, type, check, description)
 _SHAPES_KNOBS: dict[str, tuple[str, type, Callable[[Any], bool], str]] = {

@@ -153,7 +153,7 @@ def test_presets_show_the_pitfall_warnings(app_root, preset, expected):
 def test_only_presets_and_bounded_sample_specs_are_accepted(app_root, choice):
     with pytest.raises(gr.Error) as err:
         app.load_sample(choice, app.new_session())
-    assert err.value.message
+    assert err.value.title == "Unknown sample" and "sample" in err.value.message
 
 
 def _zip_error(tmp_path: Path, make) -> str:
