@@ -39,6 +39,7 @@ from core.runtime.errors import UserError
 from core.runtime.images import ImageDecodeError, as_rgb, open_rgb
 from core.samples import DEFAULT_PRESET, PRESETS
 from core.train_form import backbone_choices, default_image_size, device_choices, inference_device, make_config
+from export.runs import model_filename
 from export.variants import VARIANTS, variant_path
 
 log = logging.getLogger("transfer_lab.app")
@@ -262,6 +263,11 @@ def results_views(report: dict, result, run_dir: Path, state: dict) -> dict[str,
     )
 
 
+def _download_label(variant: str) -> str:
+    """The Export tab's button for one variant of the deployable model, e.g. "⬇️ model.int8.onnx (INT8)"."""
+    return f"⬇️ {variant_path(model_filename('pretrained'), variant).name} ({VARIANTS[variant].label})"
+
+
 def export_views(report: dict, run_dir: Path, state: dict | None = None) -> dict[str, Any]:
     """The Export tab for a run: the summary, a download button per file that exists, the checks table."""
     exported = summary.export_summary(report, run_dir, clean=lambda message: SESSIONS.clean(message, state))
@@ -269,8 +275,7 @@ def export_views(report: dict, run_dir: Path, state: dict | None = None) -> dict
     def button(path: Path | None, **label):
         return gr.update(value=str(path), visible=True, **label) if path else gr.update(value=None, visible=False)
 
-    downloads = {output: button(exported.downloads[name], label=f"⬇️ {variant_path('model.onnx', name).name} "
-                                                               f"({VARIANTS[name].label})")
+    downloads = {output: button(exported.downloads[name], label=_download_label(name))
                  for name, output in DOWNLOADS.items()}
     return dict(export_md=exported.markdown, parity=exported.checks, dl_triton=button(exported.downloads["triton"]),
                 dl_report=button(exported.downloads["report"], label="⬇️ report.json"), **downloads)
@@ -444,7 +449,7 @@ def _export_tab() -> dict[str, Any]:
     c: dict[str, Any] = {"export_md": gr.Markdown("Train a model first: its files appear here.", elem_id="export-md")}
     with gr.Row():
         for name, output in DOWNLOADS.items():
-            c[output] = gr.DownloadButton(f"⬇️ {variant_path('model.onnx', name).name} ({VARIANTS[name].label})",
+            c[output] = gr.DownloadButton(_download_label(name),
                                           visible=False, variant="primary" if name == "fp32" else "secondary",
                                           elem_id=output.replace("_", "-"))
         c["dl_triton"] = gr.DownloadButton("⬇️ Triton repository (.zip)", visible=False, elem_id="dl-triton")

@@ -215,7 +215,6 @@ class SessionStore:
         cache = self.root / "_shared" if shared else self.folder(state) / "cache"
         return label, load_dataset(spec, cache=cache)
 
-
     def load_zip(self, state: dict, src: Path, name: str) -> Dataset:
         """Load an uploaded .zip of class folders, copied into the session folder first.
 
@@ -276,11 +275,12 @@ class SessionStore:
 
     def model_choices(self, state: dict) -> list[tuple[str, str]]:
         """``(label, key)`` for every model this session can predict with: the run's variants, then an upload."""
+        from export.runs import model_filename
         from export.variants import VARIANTS, variant_path
 
         choices = []
         if state.get("run_dir"):
-            model = Path(state["run_dir"]) / "model.onnx"
+            model = Path(state["run_dir"]) / model_filename("pretrained")
             for name, variant in VARIANTS.items():
                 path = variant_path(model, name)
                 if path.is_file():
@@ -291,6 +291,7 @@ class SessionStore:
 
     def model_path(self, state: dict, choice: str | None) -> Path:
         """Map a model-choice key to a file inside this session's folder (never a visitor-supplied path)."""
+        from export.runs import model_filename
         from export.variants import VARIANTS, variant_path
 
         choice = choice or "run:fp32"
@@ -308,7 +309,7 @@ class SessionStore:
         if not run_dir.is_dir():
             raise SessionError("This session's files were cleaned up after a long idle time; train again.",
                                title="Model gone")
-        path = variant_path(run_dir / "model.onnx", variant)
+        path = variant_path(run_dir / model_filename("pretrained"), variant)
         if not path.is_file():
             raise SessionError(f"This run has no {path.name}; pick another model.")
         return path

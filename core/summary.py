@@ -252,7 +252,9 @@ def export_summary(report: dict, run_dir: Path, *, clean: Callable[[str], str] =
     built (``export.runs.write_triton``) did not fail the run: the summary says why.
     """
     exp = report.get("export") or {}
-    model = run_dir / "model.onnx"
+    from export.runs import model_filename
+
+    model = run_dir / model_filename("pretrained")
     downloads: dict[str, Path | None] = {name: variant_path(model, name) for name in VARIANTS}
     downloads["report"] = run_dir / "report.json"
     downloads = {k: p if p is not None and p.is_file() else None for k, p in downloads.items()}
