@@ -232,7 +232,7 @@ def _track_batchnorm_faster(module: torch.nn.Module) -> None:
 
 
 def train_from_scratch(cfg: TrainConfig, classes: list[str], train: PreparedImages, val: PreparedImages,
-                  test: PreparedImages | None, device: torch.device, callbacks: Callbacks) -> RunResult:
+                       test: PreparedImages | None, device: torch.device, callbacks: Callbacks) -> RunResult:
     gen = _seed_everything(cfg.seed)
     model = models.build_classifier(cfg.backbone, len(classes), pretrained=False)
     _track_batchnorm_faster(model)
