@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -82,11 +82,23 @@ def test_concurrent_predictions_stay_in_their_session_while_training(server, tmp
     requests = [(rng.choice(["shapes", "colours"]), rng.choice(images)) for _ in range(24)]
     sessions = {"shapes": (shapes, SHAPES), "colours": (colours, COLOURS)}
 
+    resent = []
+
     def one(request):
         which, image = request
         c, _ = sessions[which]
         start = time.monotonic()
-        label, info, _table = c.predict("run:fp32", handle_file(image), None, api_name="/predict")
+        for _attempt in range(3):
+            try:
+                label, info, _table = c.predict("run:fp32", handle_file(image), None, api_name="/predict")
+                break
+            except CancelledError:
+                # gradio_client 2.7 shares one SSE stream per Client; when the server closes it (its last event
+                # done) just as another thread submits, the client drops the new event as cancelled. The
+                # server never cancels a prediction, so resend it; a server error raises AppError, not this.
+                resent.append(which)
+        else:
+            raise AssertionError(f"a {which} prediction was dropped three times by the client")
         return which, label, info, time.monotonic() - start
 
     started = time.monotonic()
@@ -110,4 +122,4 @@ def test_concurrent_predictions_stay_in_their_session_while_training(server, tmp
     queued.cancel()  # leaving the queue is fine too; the server must stay healthy
     label, _, _ = shapes.predict("run:fp32", handle_file(images[0]), None, api_name="/predict")
     assert label["label"] in SHAPES
-    print(f"24 predictions in {predictions_seconds:.1f} s (slowest {slowest:.2f} s) while training")
+    print(f"24 predictions in {predictions_seconds:.1f} s (slowest {slowest:.2f} s, {len(resent)} resent) while training")
