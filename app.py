@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -27,16 +28,15 @@ from typing import Any
 import gradio as gr
 
 import models
-from core import plots, sessions, summary
+from core import plots, sessions, summary, text
 from core.bench_view import benchmark_md, benchmark_table, throughput_figure
 from core.data import Dataset
 from core.data_view import dataset_gallery, dataset_summary, dataset_warnings, skipped_table
 from core.device import describe_device, resolve_device
 from core.features import warm_up_feature_engine
 from core.jobs import Cancelled, Epoch, Failed, Finished, Progress, TrainingJob, epoch_line, live_runs
-from core.predict_view import classify, model_description
-from core.runtime.errors import UserError
-from core.runtime.images import ImageDecodeError, as_rgb, open_rgb
+from core.predict_view import classify, load_images, model_description
+from core.runtime.errors import UserError, os_error_message
 from core.samples import DEFAULT_PRESET, PRESETS
 from core.train_form import backbone_choices, default_image_size, device_choices, inference_device, make_config
 from export.runs import model_filename
@@ -44,7 +44,13 @@ from export.variants import VARIANTS, variant_path
 
 log = logging.getLogger("transfer_lab.app")
 
-MAX_PREDICT_IMAGES = 64
+# An uploaded model passed a structural check (core.runtime.model_check) that bounds its cost; this stops a call
+# anyway. The largest legitimate export (resnet18, 512 px) takes ~20 s for 64 images on a 2-core CPU.
+UPLOAD_TIME_LIMIT_S = 30.0
+MAX_BUDGET_S = 300  # default --max-budget: 5x the form's default; one job holds the training slot ~10 min at most
+# Requests one session may have waiting or running per queue group, checked when a request joins the queue, so
+# one visitor cannot fill the queue (or the training slot) and leave the others "Queue is full".
+PENDING_PER_SESSION = {"train": 1, "predict": 4, "data": 1}
 BENCH_REPEATS, BENCH_WARMUP = 10, 2  # median of interleaved runs; tests lower these
 SESSIONS = sessions.STORE
 PREDICTORS = SESSIONS.predictors
@@ -81,14 +87,22 @@ def _state(state: Any, request: gr.Request | None = None) -> dict:
     return SESSIONS.ensure_state(state, getattr(request, "session_hash", None))
 
 
+def _fail(message: Any, title: str | None = None) -> gr.Error:
+    """An error pop-up; its message is rendered as HTML, so it is escaped (it may hold a visitor's file name)."""
+    return gr.Error(text.html(message, max_chars=1000), title=title or "Error")
+
+
 def _error(exc: BaseException, title: str, state: dict | None = None, hint: str = "") -> gr.Error:
     """A visitor's mistake shows its own (cleaned) message; anything else is the server's problem (a bug, a full
     disk): logged with its traceback, shown generically."""
     if isinstance(exc, UserError):  # not OSError: a full disk or a permission problem is the server's, not theirs
-        return gr.Error(SESSIONS.clean(exc, state), title=getattr(exc, "title", None) or title)
+        return _fail(SESSIONS.clean(exc, state), getattr(exc, "title", None) or title)
+    if message := os_error_message(exc):  # a full disk, a name too long: said plainly, without a path
+        log.warning("%s: %s", title, exc)
+        return _fail(message, title)
     log.error("%s", title, exc_info=exc)
-    return gr.Error(f"Something went wrong on the server ({type(exc).__name__}); it has been logged. {hint}".strip(),
-                    title=title)
+    return _fail(f"Something went wrong on the server ({type(exc).__name__}); it has been logged. {hint}".strip(),
+                 title)
 
 
 @contextmanager
@@ -109,12 +123,44 @@ def _upload_path(file: Any) -> Path | None:
         return None
     path = Path(str(getattr(file, "path", None) or getattr(file, "name", None) or file))
     if not path.is_file() or path.is_symlink():
-        raise gr.Error("The uploaded file could not be read; please upload it again.")
+        raise _fail("The uploaded file could not be read; please upload it again.")
     return path
 
 
 def _upload_name(file: Any, path: Path) -> str:
     return Path(getattr(file, "orig_name", None) or path.name).name
+
+
+# -------- Per-session queue limits -----------------------------------------------------------------------------
+
+LIMITS: dict[str, Any] = {"max_budget": MAX_BUDGET_S, "demo": None}  # set by build_app
+
+
+def _pending(session_hash: str | None, group: str) -> int:
+    """Requests of one browser session waiting or running in a queue group. Reads Gradio's queue (its internals:
+    gradio is pinned, and tests/test_security.py floods the queue over HTTP to keep this honest)."""
+    demo = LIMITS["demo"]
+    queue = getattr(demo, "_queue", None)
+    if not session_hash or queue is None:
+        return 0
+    waiting = getattr(queue.event_queue_per_concurrency_id.get(group), "queue", [])
+    running = [event for job in queue.active_jobs if job for event in job]
+    return sum(1 for e in [*waiting, *running] if e.session_hash == session_hash and e.concurrency_id == group)
+
+
+def _session_limit(group: str, n_inputs: int, what: str):
+    """A Gradio validator (it runs when a request joins the queue) refusing a session's request beyond
+    ``PENDING_PER_SESSION[group]`` of that group."""
+    limit = PENDING_PER_SESSION[group]
+
+    def validator(request: gr.Request, *_inputs: Any) -> list[dict]:  # Gradio puts the request first, by its type
+        if _pending(getattr(request, "session_hash", None), group) >= limit:
+            them = "it" if limit == 1 else "them"
+            raise _fail(f"You already have {limit} {what} waiting or running; wait for {them} to finish, then try "
+                        "again.", "Please wait")
+        return [gr.validate(True, "")] * n_inputs
+
+    return validator
 
 
 # -------- Data tab ---------------------------------------------------------------------------------------------
@@ -143,7 +189,7 @@ def load_zip(file: Any, state: dict | None, request: gr.Request = None) -> tuple
     SESSIONS.sweep()
     src = _upload_path(file)
     if src is None:
-        raise gr.Error("No file was uploaded.")
+        raise _fail("No file was uploaded.")
     name = _upload_name(file, src)
     with _errors_shown_as("Cannot use this dataset", state):
         ds = SESSIONS.load_zip(state, src, name)
@@ -183,9 +229,13 @@ def unfreeze_range(backbone: str) -> dict:
     return gr.update(maximum=models.block_count(backbone), value=0)
 
 
-def arm_training(state: dict | None) -> tuple:
-    """Runs (unqueued) right when Train is clicked: a fresh cancel flag, so Cancel also works while queued."""
-    state = _state(state)
+def arm_training(state: dict | None, request: gr.Request = None) -> tuple:
+    """Runs (unqueued) right when Train is clicked: a fresh cancel flag, so Cancel also works while queued. A
+    session whose training is already waiting or running is told so (and its cancel flag is left alone)."""
+    state = _state(state, request)
+    if _pending(getattr(request, "session_hash", None), "train"):
+        raise _fail("Your training is already waiting for its turn or running: wait for it, or press Cancel.",
+                    "Already training")
     state["cancel"] = threading.Event()
     return state, "⏳ Waiting for a free training slot…", gr.update(interactive=False), gr.update(interactive=True)
 
@@ -201,13 +251,16 @@ def train(state: dict | None, backbone: str, epochs: float, budget: float | None
     """Train both arms (``core.jobs``) and stream progress; the last update holds every result. ``TRAIN_OUTPUTS``."""
     state = _state(state, request)
     if state.get("dataset") is None:
-        raise gr.Error("Load a dataset first (Data tab): pick a sample or upload a .zip.", title="No data")
+        raise _fail("Load a dataset first (Data tab): pick a sample or upload a .zip.", title="No data")
     with _errors_shown_as("Invalid setting"):
-        cfg = make_config(backbone, epochs, budget, image_size, target, device, scratch, seed, unfreeze)
+        cfg = make_config(backbone, epochs, budget, image_size, target, device, scratch, seed, unfreeze,
+                          max_budget=LIMITS["max_budget"])
     if state["cancel"].is_set():
         state["cancel"] = threading.Event()
         yield _out(TRAIN_OUTPUTS, state=state, status="🛑 Cancelled before training started.", **_IDLE)
         return
+    with _errors_shown_as("Cannot train now", state):
+        SESSIONS.reserve(state, sessions.TRAIN_RUN_BYTES)
     job = TrainingJob(state["dataset"], cfg, SESSIONS.new_run_dir(state), state["cancel"])
     log_lines = [f"dataset: {state.get('source')}  backbone: {cfg.backbone}  epochs: {cfg.epochs}  "
                  f"image size: {cfg.image_size or 'auto'}  device: {cfg.device}"]
@@ -307,21 +360,16 @@ def predict(state: dict | None, model_choice: str | None, image: Any, files: Any
     with _errors_shown_as("No model", state):
         SESSIONS.folder(state)  # keeps an active session from being swept as idle
         path = SESSIONS.model_path(state, model_choice)
-    with _errors_shown_as("Cannot read the image"):
-        inputs = [("image", as_rgb(image))] if image is not None else []
     file_list = files if isinstance(files, list | tuple) else ([files] if files else [])
-    if len(file_list) > MAX_PREDICT_IMAGES:
-        raise gr.Error(f"At most {MAX_PREDICT_IMAGES} images per request, got {len(file_list)}.")
-    for f in file_list:
-        p = _upload_path(f)
-        try:
-            inputs.append((_upload_name(f, p), open_rgb(p)))
-        except ImageDecodeError as exc:
-            raise gr.Error(f"{_upload_name(f, p)} is not a readable image ({exc.reason}).") from None
-    if not inputs:
-        raise gr.Error("Upload an image (or paste one / use the webcam) to classify.", title="No image")
+    # The Image component gives a file path (so the file is decoded here, bounded); Python callers may pass a PIL image.
+    named = [] if image is None else [("image", _upload_path(image) if isinstance(image, str | os.PathLike) else image)]
+    named += [(_upload_name(f, p), p) for f in file_list if (p := _upload_path(f)) is not None]
+    if not named:
+        raise _fail("Upload an image (or paste one / use the webcam) to classify.", title="No image")
+    limit = UPLOAD_TIME_LIMIT_S if model_choice == UPLOADED_MODEL else None  # a stranger's model is stopped
     with _errors_shown_as("Prediction failed", state):
-        return classify(PREDICTORS.get(path, inference_device()), inputs, path.name)
+        predictor = PREDICTORS.get(path, inference_device(), time_limit=limit)
+        return classify(predictor, load_images(named, predictor), path.name)
 
 
 def example_snippet() -> str:
@@ -369,10 +417,13 @@ def _data_tab() -> dict[str, Any]:
 
 
 def _train_settings(image_size: int) -> dict[str, Any]:
+    cap = LIMITS["max_budget"]
     c = dict(
         backbone=gr.Dropdown(backbone_choices(), value=models.DEFAULT_BACKBONE, label="Backbone", elem_id="backbone"),
         epochs=gr.Slider(1, 50, value=10, step=1, label="Epochs (cap for each arm)", elem_id="epochs"),
-        budget=gr.Number(value=60, minimum=0, label="Time budget per arm (seconds, 0 = none)", elem_id="budget"),
+        budget=gr.Number(value=60, minimum=0, maximum=cap or None, elem_id="budget",
+                         label=f"Time budget per arm (seconds, at most {cap:g}; 0 = {cap:g})" if cap else
+                         "Time budget per arm (seconds, 0 = none)"),
         image_size=gr.Slider(32, 320, value=image_size, step=8, label="Image size (pixels)", elem_id="image-size",
                              info="smaller trains faster; 224 is the backbone's native size"),
         target=gr.Slider(0.5, 1.0, value=0.85, step=0.01, label="Target validation accuracy", elem_id="target"),
@@ -429,7 +480,8 @@ def _predict_tab() -> dict[str, Any]:
         with gr.Column(scale=1, min_width=320):
             c["model_choice"] = gr.Dropdown([], label="Model", allow_custom_value=True, elem_id="model-choice",
                                             info="the ONNX export of this session's run, or an uploaded one")
-            c["image_in"] = gr.Image(label="Image (upload, webcam or paste from the clipboard)", type="pil",
+            c["image_in"] = gr.Image(label="Image (upload, webcam or paste from the clipboard)", type="filepath",
+                                     image_mode=None,
                                      sources=["upload", "webcam", "clipboard"], height=280, elem_id="predict-image")
             c["predict_btn"] = gr.Button("🔎 Predict", variant="primary", elem_id="predict-btn")
             with gr.Accordion("Classify several images at once", open=False):
@@ -471,10 +523,12 @@ def _bench_tab() -> dict[str, Any]:
 
 
 def build_app(session_root_dir: str | os.PathLike[str] | None = None, *, concurrency: int = 1,
-              predict_concurrency: int = 8) -> gr.Blocks:
-    """Build the UI (nothing is launched, loaded or downloaded here)."""
+              predict_concurrency: int = 8, max_budget: float = MAX_BUDGET_S) -> gr.Blocks:
+    """Build the UI (nothing is launched, loaded or downloaded here). ``max_budget``: seconds per arm at most
+    (0: no limit, for a private server)."""
     if session_root_dir is not None:
         configure(session_root_dir)
+    LIMITS["max_budget"] = max_budget
     with gr.Blocks(title="Transfer-learning lab", analytics_enabled=False, delete_cache=(1800, 7200)) as demo:
         c: dict[str, Any] = {"state": gr.State(new_session, delete_callback=delete_session)}
         gr.Markdown(INTRO)
@@ -486,21 +540,29 @@ def build_app(session_root_dir: str | os.PathLike[str] | None = None, *, concurr
                 with gr.Tab(title, id=tab_id):
                     c.update(make())
         _wire(demo, c, concurrency, predict_concurrency)
+    LIMITS["demo"] = demo
     return demo
 
 
 def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurrency: int) -> None:
-    """The events. Data requests share a small pool, training and the benchmark one queue, predictions run wide."""
+    """The events. Page loads have their own pool; uploads share a small one; training and the benchmark take turns
+    in one queue; predictions run wide. Every queued request counts against its session's ``PENDING_PER_SESSION``."""
     state, data_out, train_out = c["state"], [c[n] for n in DATA_OUTPUTS], [c[n] for n in TRAIN_OUTPUTS]
-    data = dict(concurrency_limit=2, concurrency_id="data")
-    demo.load(on_page_load, [state, c["preset"]], data_out, api_visibility="private", **data)
-    c["preset"].input(load_sample, [c["preset"], state], data_out, api_name="load_sample", **data)
-    c["zip_in"].upload(load_zip, [c["zip_in"], state], data_out, api_name="load_zip", **data)
+
+    def data(n_inputs: int, what: str = "uploads") -> dict:
+        return dict(concurrency_limit=2, concurrency_id="data", validator=_session_limit("data", n_inputs, what))
+
+    # Loading the page never waits behind someone's upload: it only loads a built-in sample.
+    demo.load(on_page_load, [state, c["preset"]], data_out, api_visibility="private", concurrency_limit=4,
+              concurrency_id="page")
+    c["preset"].input(load_sample, [c["preset"], state], data_out, api_name="load_sample", **data(2, "datasets"))
+    c["zip_in"].upload(load_zip, [c["zip_in"], state], data_out, api_name="load_zip", **data(2))
     # Train: the click arms a fresh cancel flag (unqueued, so Cancel works while queued), then the job waits its turn.
+    train_inputs = [state, *(c[n] for n in TRAIN_INPUTS)]
     c["train_btn"].click(arm_training, [state], [state, c["status"], c["train_btn"], c["cancel_btn"]], queue=False,
-                         api_visibility="private").then(
-        train, [state, *(c[n] for n in TRAIN_INPUTS)], train_out, api_name="train", concurrency_limit=concurrency,
-        concurrency_id="train", show_progress_on=[c["status"]])
+                         api_visibility="private").success(
+        train, train_inputs, train_out, api_name="train", concurrency_limit=concurrency, concurrency_id="train",
+        show_progress_on=[c["status"]], validator=_session_limit("train", len(train_inputs), "training"))
     c["cancel_btn"].click(cancel_training, [state], [c["status"]], queue=False, api_name="cancel")
     c["backbone"].change(unfreeze_range, [c["backbone"]], [c["unfreeze"]], queue=False, api_visibility="private")
     threshold_io = ([state, c["positive"], c["threshold"]], [c["threshold_md"], c["threshold_cm"]])
@@ -510,14 +572,16 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurre
                         show_progress="hidden")
     predict_io = ([state, c["model_choice"], c["image_in"], c["files_in"]],
                   [c["label_out"], c["predict_info"], c["batch_df"]])
-    wide = dict(concurrency_limit=predict_concurrency, concurrency_id="predict")
+    wide = dict(concurrency_limit=predict_concurrency, concurrency_id="predict",
+                validator=_session_limit("predict", len(predict_io[0]), "predictions"))
     c["predict_btn"].click(predict, *predict_io, api_name="predict", **wide)
     for upload in (c["image_in"].upload, c["files_in"].upload):
         upload(predict, *predict_io, api_visibility="private", **wide)
     c["onnx_in"].upload(upload_model, [c["onnx_in"], state], [state, c["model_choice"], c["predict_info"]],
-                        api_name="upload_model", **data)
+                        api_name="upload_model", **data(2))
     c["bench_btn"].click(benchmark, [state], [c["bench_md"], c["bench_plot"], c["bench_df"]], api_name="benchmark",
-                         concurrency_limit=concurrency, concurrency_id="train")
+                         concurrency_limit=concurrency, concurrency_id="train",
+                         validator=_session_limit("train", 1, "training or benchmark"))
     demo.unload(on_unload)  # tab closed: mark the folder (deleted after a grace period)
 
 
@@ -541,25 +605,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=1,
                    help="training jobs that run at once (default 1; others wait in the queue). Above 1, one job's "
                         "ONNX export can break another's training: torch's exporter keeps process-wide state")
+    p.add_argument("--max-budget", type=float, default=MAX_BUDGET_S, metavar="SECONDS",
+                   help=f"longest time budget per arm a visitor may ask for; a budget of 0 in the form means this "
+                        f"(default {MAX_BUDGET_S}; 0 = no limit, only for a private server)")
+    p.add_argument("--session-quota", type=float, default=sessions.SESSION_QUOTA_BYTES / 1024**2, metavar="MB",
+                   help="disk space one visitor's session may use (uploads, runs, models; default %(default).0f MB)")
+    p.add_argument("--disk-quota", type=float, default=None, metavar="MB",
+                   help="disk space all sessions together may use; the longest idle sessions are removed first "
+                        f"(default: half the free disk at start, at most "
+                        f"{sessions.GLOBAL_QUOTA_MAX_BYTES // 1024**3} GB)")
     p.add_argument("--session-root", default=None,
                    help="folder for the per-session data, runs and models (default: $TRANSFER_LAB_APP_ROOT or "
                         "<tmp>/transfer-lab-app)")
     args = p.parse_args(argv)
     if args.concurrency < 1:
         p.error("--concurrency must be at least 1")
+    if args.session_quota <= 0 or (args.disk_quota is not None and args.disk_quota <= 0):
+        p.error("--session-quota and --disk-quota must be positive numbers of MB")
+    if args.max_budget < 0:
+        p.error("--max-budget must be 0 (no limit) or a number of seconds")
     return args
+
+
+def servable_root(root: Path) -> Path:
+    """``root`` if Gradio can hand its files to a browser. Gradio serves only its own cache and copies an output
+    there when the file lies under the temp folder or the working directory. The root is deliberately not in
+    ``allowed_paths``: that would serve every file under it, inline and with its real type, to anyone with a path."""
+    root = Path(root).resolve()
+    homes = [Path(tempfile.gettempdir()).resolve(), Path.cwd().resolve()]
+    if not any(root == h or h in root.parents for h in homes):
+        raise SystemExit(f"--session-root {root} must be inside the temp folder ({homes[0]}) or the working "
+                         f"directory ({homes[1]}): the app's outputs are handed to browsers only from there.")
+    return root
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    root = configure(args.session_root)
+    mb = 1024**2
+    root = servable_root(configure(args.session_root, session_quota_bytes=int(args.session_quota * mb),
+                                   global_quota_bytes=int(args.disk_quota * mb) if args.disk_quota else None))
+    SESSIONS.start_housekeeping()  # stale temp files, idle sessions and the sample cache: now, then every 10 min
     # Build the default backbone's cached ONNX feature engine while the first visitor looks at the Data tab.
     warm_up_feature_engine(models.DEFAULT_BACKBONE, default_image_size(), resolve_device("auto"))
-    demo = build_app(root, concurrency=args.concurrency)
+    demo = build_app(root, concurrency=args.concurrency, max_budget=args.max_budget)
     demo.queue(max_size=64, default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=args.max_file_size,
-                allowed_paths=[str(root)], css=CSS, theme=gr.themes.Soft(), footer_links=["api", "gradio"])
+                css=CSS, theme=gr.themes.Soft(), footer_links=["api", "gradio"])
 
 
 def __getattr__(name: str) -> Any:

@@ -8,7 +8,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from core import plots
-from core.summary import md
+from core.text import md
 from export.variants import VARIANTS
 
 ENGINE_TITLES = {"torch": "PyTorch eager", "torch_nchw": "PyTorch eager (NCHW float input)",

@@ -318,6 +318,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = run_compare(ds, cfg, Callbacks(progress=progress, epoch=epoch), arms=arms)
     for bar in bars.values():
         bar.close()
+    # A local run keeps the data folder's absolute path, for `python -m export RUN` to find the images; the app's
+    # report.json (visitors download it) carries the folder's name only (Dataset.to_dict).
+    result.report["dataset"]["root"] = str(ds.root)
     paths = write_run(result, args.out, export=not args.no_export)
     print(summary_text(result.report))
     print(f"\nwrote {len(paths)} files to {args.out}: {', '.join(sorted(p.name for p in paths.values()))}")

@@ -15,7 +15,7 @@ from typing import Any
 from core.runtime.errors import UserError
 from core.runtime.files import atomic_write, cache_dir, sha256_file
 from core.runtime.images import IMAGE_EXTENSIONS, ImageDecodeError, is_image_file, open_rgb
-from core.safezip import find_root, is_ignored_member, safe_extract
+from core.safezip import find_root, is_ignored_member, read_skipped, safe_extract
 from core.samples import SAMPLES, SampleError, is_sample_spec, make_sample
 
 SPLITS = ("train", "val", "test")
@@ -96,11 +96,19 @@ class Dataset:
 
         atomic_write(path, produce)
 
+    def public_source(self) -> str:
+        """``source`` without the server's folders: a sample spec as given, a folder or zip by its base name."""
+        if is_sample_spec(self.source):
+            return self.source
+        return Path(self.source).name or self.source
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (no per-item list)."""
+        """JSON-ready summary (no per-item list) that visitors may download: no absolute path of this machine.
+
+        ``root`` is the dataset folder's name only; skipped files are relative to the root."""
         return {
-            "source": self.source,
-            "root": str(self.root),
+            "source": self.public_source(),
+            "root": self.root.name,
             "classes": list(self.classes),
             "counts": self.counts(),
             "num_images": len(self.items),
@@ -113,7 +121,8 @@ class Dataset:
 
 
 def _extract_zip(zip_path: Path, cache: Path) -> Path:
-    dest = cache / "zips" / sha256_file(zip_path)[:16]
+    # "-images": extractions from before safe_extract kept image files only are not reused
+    dest = cache / "zips" / f"{sha256_file(zip_path)[:16]}-images"
     if dest.is_dir():
         return find_root(dest)
     try:
@@ -196,7 +205,11 @@ def _find_split_dirs(root: Path) -> dict[str, Path]:
     return found
 
 
-def _validate(path: Path) -> tuple[str, str | None]:
+# Validation only needs the whole file decoded: JPEGs at 1/8 scale, other formats reduced right after the load.
+_VALIDATE_SIDE = 64
+
+
+def _validate(path: Path, max_pixels: int | None = None) -> tuple[str, str | None]:
     """(sha256, None) for a decodable image, else (sha256 or '', reason)."""
     try:
         data = path.read_bytes()
@@ -206,17 +219,17 @@ def _validate(path: Path) -> tuple[str, str | None]:
     if not data:
         return digest, "empty file"
     try:
-        open_rgb(io.BytesIO(data)).close()
+        open_rgb(io.BytesIO(data), reduce_to=_VALIDATE_SIDE, max_pixels=max_pixels).close()
     except ImageDecodeError as exc:
         return digest, exc.reason
     return digest, None
 
 
-def _decode_all(paths: list[Path]) -> list[tuple[str, str | None]]:
+def _decode_all(paths: list[Path], max_pixels: int | None = None) -> list[tuple[str, str | None]]:
     if len(paths) < 16:
-        return [_validate(p) for p in paths]
+        return [_validate(p, max_pixels) for p in paths]
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
-        return list(pool.map(_validate, paths))
+        return list(pool.map(_validate, paths, [max_pixels] * len(paths)))
 
 
 # ---------------------------------------------------------------- splitting
@@ -269,6 +282,7 @@ def load_dataset(
     seed: int = 0,
     min_per_class: int | None = None,
     cache: Path | None = None,
+    max_pixels: int | None = None,
 ) -> Dataset:
     """Load any supported source, validate every image, and assign train/val(/test) splits.
 
@@ -276,6 +290,9 @@ def load_dataset(
     ``test/``) class folders, a ``.zip`` of either, or a sample spec such as ``sample:shapes``.
     Split folders that exist are respected; missing ones (and every split of a plain class-folder
     layout) are drawn per class from ``seed``, so every class appears in every split.
+    Images with more than ``max_pixels`` pixels are skipped, read from their header (see
+    ``core.runtime.images.check_pixels``). The members of a zip that ``safe_extract`` did not unpack are
+    listed in ``skipped`` too.
     """
     if not 0 < val_fraction < 1:
         raise DatasetError(f"val_fraction={val_fraction} must be between 0 and 1, e.g. 0.2")
@@ -288,10 +305,12 @@ def load_dataset(
         )
     if min_per_class is not None and min_per_class < 1:
         raise DatasetError(f"min_per_class={min_per_class} must be a positive integer")
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+        raise DatasetError(f"max_pixels={max_pixels!r} must be a positive integer (e.g. 40_000_000) or None")
     cache = Path(cache) if cache is not None else cache_dir()
     root, from_zip = _resolve_root(src, cache)
     what = f"zip {str(src)!r}" if from_zip else repr(str(root))
-    skipped: list[Skipped] = []
+    skipped: list[Skipped] = [Skipped(file, reason) for file, reason in read_skipped(root)]
 
     split_dirs = _find_split_dirs(root)
     if "train" in split_dirs:
@@ -343,7 +362,7 @@ def load_dataset(
 
     # Decode every candidate once (in parallel), keeping the order deterministic.
     flat = [(split, cls, p) for split, per in candidates.items() for cls, ps in per.items() for p in ps]
-    results = _decode_all([p for _, _, p in flat])
+    results = _decode_all([p for _, _, p in flat], max_pixels)
     good: dict[str, dict[str, list[tuple[Path, str]]]] = {s: {c: [] for c in classes} for s in candidates}
     bad_per_class: dict[str, int] = dict.fromkeys(classes, 0)
     for (split, cls, path), (digest, reason) in zip(flat, results, strict=True):

@@ -11,7 +11,7 @@ from PIL import Image
 from core import diagnostics
 from core.data import Dataset
 from core.runtime.images import open_rgb
-from core.summary import md
+from core.text import md, plain
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ def dataset_summary(ds: Dataset, label: str) -> str:
 
 
 def thumbnail(path, size: int = 112) -> Image.Image:
-    img = open_rgb(path)
+    """The image fitted in a ``size`` square, decoded at reduced scale (a full-size copy lives only briefly)."""
+    img = open_rgb(path, reduce_to=size)
     img.thumbnail((size, size))
     return img
 
@@ -40,7 +41,7 @@ def dataset_gallery(ds: Dataset, max_classes: int = 12) -> list[tuple[Image.Imag
     for ci, cls in enumerate(ds.classes[:max_classes]):
         for item in [i for i in ds.items if i.label == ci][:per_class]:
             try:
-                gallery.append((thumbnail(item.path), f"{cls} ({item.split})"))
+                gallery.append((thumbnail(item.path), plain(f"{cls} ({item.split})", 80)))  # captions are text
             except Exception:  # noqa: BLE001 - a thumbnail must never break the page
                 log.debug("no thumbnail for %s", item.path, exc_info=True)
     return gallery
@@ -57,8 +58,8 @@ def dataset_warnings(ds: Dataset) -> str:
     lines = ["### Before training", ("⚠️ " if balance["flagged"] else "✅ ") + md(balance["message"])]
     if dupes["flagged"]:
         pairs = dupes.get("exact_duplicates", [])[:5]
-        shown = "; ".join(f"`{ds.relpath(p['train'])}` = `{ds.relpath(p['other'])}`" for p in pairs)
-        lines.append(f"⚠️ {md(dupes['message'])} Examples: {md(shown)}")
+        shown = "; ".join(f"{md(ds.relpath(p['train']))} = {md(ds.relpath(p['other']))}" for p in pairs)
+        lines.append(f"⚠️ {md(dupes['message'])} Examples: {shown}")
     else:
         lines.append("✅ " + md(dupes["message"]))
     if ds.skipped:

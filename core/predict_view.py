@@ -3,14 +3,63 @@ provider and latency, and a table of every image."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from typing import Any
 
 import pandas as pd
 from PIL import Image
 
+from core.runtime.errors import UserError
+from core.runtime.images import ImageDecodeError, as_rgb, check_pixels, open_rgb, resize_shorter
 from core.runtime.predictor import Predictor
-from core.summary import md
+from core.text import md
+
+MAX_IMAGES = 64
+MAX_IMAGE_PIXELS = 40_000_000  # per file, counted as decoded (a JPEG at its draft scale); a 40 MP PNG peaks ~165 MB
+MAX_REQUEST_PIXELS = 1_000_000_000  # all files of one request: 64 4K screenshots (530 MP) fit; JPEGs count small
+# Decoding a large PNG holds its full size for a moment (~3 bytes a pixel, twice with transparency); one such decode
+# at a time in the whole process keeps the peak at one image however many requests arrive together.
+LARGE_DECODE_PIXELS = 4_000_000
+_LARGE_DECODE = threading.BoundedSemaphore(1)
+
+
+class PredictInputError(UserError):
+    """An image to classify cannot be used (unreadable, too large, too many); the message says what to do."""
+
+    def __init__(self, message: str, title: str) -> None:
+        super().__init__(message)
+        self.title = title
+
+
+def load_images(files: list[tuple[str, Any]], predictor: Predictor) -> list[tuple[str, Image.Image]]:
+    """``(name, image)`` for ``(name, path or image)`` pairs, memory bounded by design: every file's size is read
+    from its header first (``MAX_IMAGE_PIXELS`` each, ``MAX_REQUEST_PIXELS`` together), it is reduced while it is
+    decoded (JPEG draft mode, ``Image.reduce``) and at once resized to the model's resize size, so the process holds
+    one large decode at a time and ~350 KB per image after it. Raises ``PredictInputError``."""
+    if len(files) > MAX_IMAGES:
+        raise PredictInputError(f"At most {MAX_IMAGES} images per request, got {len(files)}.", "Too many images")
+    side, interpolation = predictor.info.resize_size, predictor.info.interpolation
+    total, images = 0, []
+    for name, source in files:
+        try:
+            if isinstance(source, Image.Image):  # an API caller's decoded image: already in memory
+                image = as_rgb(source)
+            else:
+                pixels = check_pixels(source, MAX_IMAGE_PIXELS, reduce_to=2 * side)
+                total += pixels
+                if total > MAX_REQUEST_PIXELS:
+                    raise PredictInputError(f"These images hold more than {MAX_REQUEST_PIXELS // 10**6} megapixels "
+                                            "together; send fewer or smaller ones.", "Too many pixels")
+                large = pixels > LARGE_DECODE_PIXELS
+                with _LARGE_DECODE if large else contextlib.nullcontext():
+                    image = open_rgb(source, reduce_to=2 * side, max_pixels=MAX_IMAGE_PIXELS)
+        except ImageDecodeError as exc:
+            raise PredictInputError(f"{name} is not a readable image ({exc.reason}).",
+                                    "Cannot read the image") from None
+        images.append((name, resize_shorter(image, side, interpolation)))
+    return images
 
 
 def classify(predictor: Predictor, inputs: list[tuple[str, Image.Image]], model_name: str,

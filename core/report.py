@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import plots
-from .runtime.files import write_json_atomic
+from .runtime.files import release_locals, write_json_atomic
 from .train import ARMS, CompareResult
 
 REPORT = "report.json"
@@ -75,6 +75,9 @@ def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool
                 stale.unlink()
         for name in sorted(names, key=lambda n: n == REPORT):
             os.replace(staging / name, out / name)
+    except BaseException as exc:
+        release_locals(exc)  # torch.save's writer on a full disk holds a descriptor to the staged file otherwise
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {name: out / name for name in names}

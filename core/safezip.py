@@ -1,7 +1,13 @@
-"""Safe zip extraction: no path traversal, no links, bounded size, all-or-nothing."""
+"""Safe zip extraction: no path traversal, no links, bounded size, all-or-nothing, image files only.
+
+Only members with an image extension are written; every other visible member is listed, with the reason, in
+``SKIPPED_LIST`` inside the returned dataset root (``read_skipped`` reads it back, ``core.data.load_dataset`` adds it
+to ``Dataset.skipped``).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -12,11 +18,15 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from core.runtime.errors import UserError
+from core.runtime.images import is_image_file
 
 _CHUNK = 1 << 20
 # Small files (e.g. a blank BMP) compress extremely well; ratios only count past this size.
 _RATIO_GRACE_BYTES = 1 << 20
 _DRIVE = re.compile(r"^[A-Za-z]:")
+# Hidden, so dataset scans and find_root pass over it, and no archive can supply it (hidden members are ignored).
+SKIPPED_LIST = ".safezip-skipped.json"
+NOT_AN_IMAGE = "not an image file (only images are unpacked)"
 
 
 class UnsafeArchiveError(UserError, ValueError):
@@ -64,6 +74,34 @@ def find_root(folder: str | os.PathLike[str]) -> Path:
     return folder
 
 
+def read_skipped(root: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """``(file, reason)`` of the members ``safe_extract`` did not write, from ``root/SKIPPED_LIST``; [] when none.
+
+    ``file`` is relative to the dataset root, or the member's path in the archive when it lies outside the root."""
+    path = Path(root) / SKIPPED_LIST
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))["skipped"]
+        return [(str(e["file"]), str(e["reason"])) for e in entries]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UnsafeArchiveError(f"{path} is unreadable ({exc}); delete the extracted folder and unpack the zip "
+                                 "again") from exc
+
+
+def _write_skipped(tmp: Path, skipped: list[tuple[str, ...]]) -> None:
+    """Record the members not written in the dataset root ``find_root`` will pick inside ``tmp``."""
+    if not skipped:
+        return
+    root = find_root(tmp)
+    inside = root.relative_to(tmp).parts
+    entries = []
+    for parts in dict.fromkeys(skipped):  # an entry named twice is listed once
+        name = "/".join(parts[len(inside):] if parts[: len(inside)] == inside else parts)
+        entries.append({"file": name, "reason": NOT_AN_IMAGE})
+    (root / SKIPPED_LIST).write_text(json.dumps({"skipped": entries}, indent=1), encoding="utf-8")
+
+
 def _cleanup(tmp: Path, created: list[Path]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     for d in created:  # deepest first
@@ -81,8 +119,12 @@ def safe_extract(
     max_total_bytes: int = 2 * 1024**3,
     max_ratio: float = 200,
 ) -> Path:
-    """Extract ``zip_path`` into ``dest_dir`` (which must not exist or be empty) and return the dataset root.
+    """Extract the image files of ``zip_path`` into ``dest_dir`` (which must not exist or be empty) and return the
+    dataset root.
 
+    Only members with an image extension (``core.runtime.images.is_image_file``) are written, so nothing else an
+    upload carries (HTML, SVG, scripts) reaches the disk; the folders of the other visible members are still made,
+    so the layout is the archive's, and the members are listed in ``SKIPPED_LIST`` (see ``read_skipped``).
     Everything is written into a temporary folder beside ``dest_dir`` and renamed into place
     only when the whole archive passed every check, so a refused archive leaves nothing behind.
     Byte counts are measured while decompressing, not taken from the headers.
@@ -120,7 +162,8 @@ def safe_extract(
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
         try:
-            _extract_all(zf, plan, tmp, zname, archive_size, max_total_bytes, max_ratio)
+            skipped = _extract_all(zf, plan, tmp, zname, archive_size, max_total_bytes, max_ratio)
+            _write_skipped(tmp, skipped)
             try:
                 os.rename(tmp, dest)
             except OSError as exc:
@@ -139,9 +182,11 @@ def _extract_all(
     archive_size: int,
     max_total_bytes: int,
     max_ratio: float,
-) -> None:
+) -> list[tuple[str, ...]]:
+    """Write the image members into ``tmp``; returns the path parts of the other visible files, not written."""
     total = 0
     buf = bytearray(_CHUNK)
+    skipped: list[tuple[str, ...]] = []
     for info, parts in plan:
         if not parts or is_ignored_member(parts):
             continue
@@ -153,6 +198,9 @@ def _extract_all(
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
+            if not is_image_file(target.name):
+                skipped.append(parts)
+                continue
             compressed = max(1, min(info.compress_size, archive_size))
             written = 0
             with zf.open(info) as src, open(target, "xb") as out:
@@ -192,3 +240,4 @@ def _extract_all(
                 f"{zname}: entry {info.filename!r} uses an unsupported compression method ({exc}); "
                 "re-create the zip with standard 'deflate' compression"
             ) from exc
+    return skipped

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from core.runtime.errors import UserError
+from core.runtime.files import release_locals
 
 SAMPLE_PREFIX = "sample:"
 COMPLETE_MARKER = ".complete"
@@ -119,7 +120,8 @@ def _write_atomically(out_dir: Path, build: Callable[[Path], dict[str, Any]]) ->
             if not (out_dir / COMPLETE_MARKER).is_file():  # not a concurrent writer finishing first
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
+        release_locals(exc)  # an image writer of the failed build may still hold a file open (a full disk)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
@@ -319,6 +321,24 @@ def sample_cache_key(name: str, kwargs: dict[str, Any]) -> str:
     }
     blob = json.dumps({"name": name, "kwargs": {**defaults, **kwargs}, "version": GENERATOR_VERSION}, sort_keys=True)
     return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def sample_key(spec: str) -> str:
+    """``sample_cache_key`` of a spec: the folder name ``make_sample`` writes it to."""
+    name, kwargs = parse_sample_spec(spec)
+    return sample_cache_key(name, kwargs)
+
+
+def estimate_sample_bytes(spec: str) -> int:
+    """An upper bound of the disk space a sample takes, before generating it (uncompressed RGB pixels)."""
+    name, kwargs = parse_sample_spec(spec)
+    if name == "digits":
+        return 1797 * 32 * 32 * 3
+    maker = inspect.signature(make_shapes).parameters
+    per_class = kwargs.get("per_class", maker["per_class"].default)
+    size = kwargs.get("image_size", maker["image_size"].default)
+    images = len(SHAPE_CLASSES) * per_class + kwargs.get("duplicates", 0)
+    return images * (size * size * 3 + 1024)  # + a file-system block's share per file
 
 
 def make_sample(spec: str, cache_root: str | os.PathLike[str]) -> Path:

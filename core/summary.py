@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.text import md, plain
 from export.variants import VARIANTS, variant_path
 
 ARM_TITLES = {"pretrained": "pretrained backbone + new head", "scratch": "from scratch (same network)"}
@@ -69,11 +70,6 @@ def comparison_rows(report: dict) -> list[tuple[str, dict[str, str]]]:
                   for arm, r in runs.items()}))
     rows.append(("verdict", {arm: r["verdict"]["label"] for arm, r in runs.items()}))
     return rows
-
-
-def md(text: Any) -> str:
-    """Plain text (messages from core, names from a visitor) made safe for Markdown: no HTML tags."""
-    return str(text).replace("<", "&lt;").replace(">", "&gt;")
 
 
 def speedup_text(report: dict) -> str:
@@ -181,7 +177,7 @@ def misclassified_gallery(result: Any, classes: list[str], limit: int = 24) -> l
         probs = np.asarray(run.val_probabilities)
         pred = probs.argmax(1)
         for i in misclassified(labels, probs, limit):
-            caption = f"{arm}: {classes[labels[i]]} → {classes[pred[i]]} {probs[i, pred[i]]:.0%}"
+            caption = plain(f"{arm}: {classes[labels[i]]} → {classes[pred[i]]} {probs[i, pred[i]]:.0%}", 120)
             items.append((np.ascontiguousarray(result.val.crops[i]), caption))
     return items
 

@@ -416,8 +416,11 @@ def run_compare(dataset: Dataset, cfg: TrainConfig | None = None, callbacks: Cal
         results[arm] = trainers[arm](cfg, classes, train, val, test, device, callbacks)
 
     runs = {arm: summarize_run(r, classes, val, test, cfg.target_accuracy) for arm, r in results.items()}
+    for run in runs.values():  # visitors download report.json: files relative to the dataset root, no server path
+        for wrong in run["misclassified"]:
+            wrong["file"] = dataset.relpath(wrong["file"])
     report = {
-        "dataset": {**dataset.to_dict(), "source": dataset.source, "classes": classes,
+        "dataset": {**dataset.to_dict(), "classes": classes,  # no server path: visitors download report.json
                     "counts": dataset.counts(), "skipped": [dataclasses.asdict(s) for s in dataset.skipped]},
         "device": device.type,
         "backbone": cfg.backbone,

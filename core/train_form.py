@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 
 import models
-from core.config import TrainConfig
+from core.config import ConfigError, TrainConfig
 from core.device import describe_device, resolve_device
 
 
@@ -37,10 +37,17 @@ def inference_device() -> str:
 
 
 def make_config(backbone: str, epochs: float, budget: float | None, image_size: float | None, target: float,
-                device: str, scratch: bool, seed: float | None = 0, unfreeze: float | None = 0) -> TrainConfig:
-    """A validated ``TrainConfig`` from the form's values; a budget or image size of 0 means none (the default).
+                device: str, scratch: bool, seed: float | None = 0, unfreeze: float | None = 0, *,
+                max_budget: float | None = None) -> TrainConfig:
+    """A validated ``TrainConfig`` from the form's values; an image size of 0 means the default.
 
-    Raises ``ConfigError`` (a ``UserError``) naming the bad value."""
+    A budget of 0 means none, or ``max_budget`` where the server sets one (a shared server must not let one job
+    hold the training slot for hours). Raises ``ConfigError`` (a ``UserError``) naming the bad value."""
+    if max_budget:
+        if budget and budget > max_budget:
+            raise ConfigError(f"A time budget of {budget:g} s per arm is more than this server allows "
+                              f"({max_budget:g} s); choose {max_budget:g} or less.")
+        budget = budget or max_budget
     return TrainConfig.from_dict({
         "backbone": backbone, "epochs": epochs, "budget_seconds": budget or None, "image_size": image_size or None,
         "target_accuracy": target, "device": device, "seed": seed or 0, "train_scratch": bool(scratch),

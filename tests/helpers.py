@@ -24,16 +24,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(tmp: Path, cache: Path, timeout: float = 120.0) -> tuple[subprocess.Popen, str, Path]:
-    """``python app.py`` on a free localhost port; returns (process, url, session root)."""
+def start_app(tmp: Path, cache: Path, timeout: float = 120.0, args: tuple[str, ...] = ()
+              ) -> tuple[subprocess.Popen, str, Path]:
+    """``python app.py [args]`` on a free localhost port; returns (process, url, session root)."""
     port = free_port()
     root = tmp / "sessions"
     log = open(tmp / "app.log", "w")  # noqa: SIM115 - closed with the process
     env = {**os.environ, "TRANSFER_LAB_CACHE": str(cache), "GRADIO_ANALYTICS_ENABLED": "False",
            "PYTHONUNBUFFERED": "1"}
     env.pop("SPACE_ID", None)
-    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--session-root", str(root)],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    command = [sys.executable, str(REPO / "app.py"), "--port", str(port), "--session-root", str(root), *args]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     proc.log_file = log
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + timeout

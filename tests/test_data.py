@@ -15,7 +15,7 @@ from PIL import Image, ImageFile
 from core.data import DatasetError, Item, load_dataset
 from core.runtime.files import sha256_file
 from core.runtime.images import ImageDecodeError, open_rgb
-from core.safezip import UnsafeArchiveError, safe_extract
+from core.safezip import NOT_AN_IMAGE, SKIPPED_LIST, UnsafeArchiveError, read_skipped, safe_extract
 from core.samples import (
     SAMPLES,
     SampleError,
@@ -280,11 +280,11 @@ def test_zip_limits_entries_and_total_bytes(tmp_path: Path) -> None:
 
 def test_zip_header_sizes_not_trusted(tmp_path: Path) -> None:
     """A central directory that understates an entry's size is caught (size check or CRC)."""
-    zpath = _zip(tmp_path / "lie.zip", [("data/cats/a.bin", bytes(5000)), ("data/dogs/b.png", _png_bytes())])
+    zpath = _zip(tmp_path / "lie.zip", [("data/cats/a.png", bytes(5000)), ("data/dogs/b.png", _png_bytes())])
     raw = bytearray(zpath.read_bytes())
     with zipfile.ZipFile(zpath) as zf:
-        info = zf.getinfo("data/cats/a.bin")
-    cd = raw.rfind(b"PK\x01\x02", 0, raw.rfind(b"data/cats/a.bin"))
+        info = zf.getinfo("data/cats/a.png")
+    cd = raw.rfind(b"PK\x01\x02", 0, raw.rfind(b"data/cats/a.png"))
     raw[cd + 24 : cd + 28] = (10).to_bytes(4, "little")  # uncompressed size in the central directory
     assert info.file_size == 5000
     zpath.write_bytes(bytes(raw))
@@ -360,6 +360,70 @@ def test_zip_loaded_end_to_end_and_cached(tmp_path: Path, lab_cache: Path) -> No
 def _zip_text(path: Path) -> Path:
     path.write_text("garbage")
     return path
+
+
+def test_zip_extracts_only_image_files_and_lists_the_rest_as_skipped(tmp_path: Path) -> None:
+    zpath = _zip(tmp_path / "mixed.zip", [("a/x.png", _png_bytes()), ("a/evil.html", b"<script>alert(1)</script>"),
+                                          ("b/y.svg", b"<svg onload='alert(1)'/>"), ("b/z.png", _png_bytes())])
+    root = safe_extract(zpath, tmp_path / "out")
+    assert root == tmp_path / "out"  # two top-level folders: the extraction folder is the root
+    assert _listing(root) == [SKIPPED_LIST, "a", "a/x.png", "b", "b/z.png"]
+    assert read_skipped(root) == [("a/evil.html", NOT_AN_IMAGE), ("b/y.svg", NOT_AN_IMAGE)]
+    assert "only images are unpacked" in NOT_AN_IMAGE
+
+
+def test_members_not_unpacked_reach_the_dataset_skipped_list(tmp_path: Path, lab_cache: Path) -> None:
+    """Through load_dataset(zip) and through safe_extract + load_dataset(root), as the app's upload does. A
+    top-level page is not unpacked, so the single wrapping folder is still found as the root."""
+    extra = [("index.html", b"<html/>"), ("data/cats/evil.html", b"<html/>"), ("data/notes.svg", b"<svg/>"),
+             ("data/.hidden.html", b"x")]
+    zpath = _zip(tmp_path / "pets.zip", [*_good_entries(), *extra])
+    expected = [("cats/evil.html", NOT_AN_IMAGE), ("index.html", NOT_AN_IMAGE), ("notes.svg", NOT_AN_IMAGE)]
+    ds = load_dataset(zpath, val_fraction=0.34)
+    assert ds.root.name == "data" and ds.classes == ["cats", "dogs"]
+    assert [(s.file, s.reason) for s in ds.skipped] == expected
+    root = safe_extract(zpath, tmp_path / "upload")
+    assert root == tmp_path / "upload" / "data" and not list(root.rglob("*.html")) and not list(root.rglob("*.svg"))
+    assert [(s.file, s.reason) for s in load_dataset(root, val_fraction=0.34).skipped] == expected
+
+
+def _strings(value: object):
+    """Every key and leaf of a JSON-like value, as text."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+    else:
+        yield str(value)
+
+
+def test_dataset_to_dict_names_no_server_path(tmp_path: Path, lab_cache: Path) -> None:
+    root = _class_tree(tmp_path / "my-photos", {"ants": 4, "bees": 4})
+    (root / "ants" / "notes.txt").write_text("hi")
+    zpath = _zip(tmp_path / "photos.zip", [*_good_entries(), ("data/cats/page.html", b"<html/>")])
+    for src, skipped in ((root, "ants/notes.txt"), (zpath, "cats/page.html")):
+        report = load_dataset(src).to_dict()
+        leaked = [v for v in _strings(report) if str(tmp_path) in v or str(lab_cache) in v or v.startswith("/")]
+        assert not leaked, leaked
+        assert report["source"] == src.name and report["root"] in ("my-photos", "data")
+        assert [s["file"] for s in report["skipped"]] == [skipped]
+    spec = "sample:shapes?per_class=3&size=16"
+    assert load_dataset(spec).to_dict()["source"] == spec
+
+
+def test_max_pixels_skips_oversize_images_from_their_header(tmp_path: Path) -> None:
+    root = _class_tree(tmp_path / "ds", {"a": 3, "b": 3})
+    _img(root / "a" / "big.png", size=(120, 100))
+    ds = load_dataset(root, max_pixels=10_000)
+    reasons = {s.file: s.reason for s in ds.skipped}
+    assert reasons == {"a/big.png": "image too large: 120x100 = 12000 pixels; the limit here is 10000 pixels; "
+                                    "resize it and upload again"}
+    assert len(load_dataset(root).items) == 7
+    with pytest.raises(DatasetError, match="max_pixels=0 must be a positive integer"):
+        load_dataset(root, max_pixels=0)
 
 
 # ---------------------------------------------------------------- folders and splits

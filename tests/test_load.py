@@ -122,4 +122,5 @@ def test_concurrent_predictions_stay_in_their_session_while_training(server, tmp
     queued.cancel()  # leaving the queue is fine too; the server must stay healthy
     label, _, _ = shapes.predict("run:fp32", handle_file(images[0]), None, api_name="/predict")
     assert label["label"] in SHAPES
-    print(f"24 predictions in {predictions_seconds:.1f} s (slowest {slowest:.2f} s, {len(resent)} resent) while training")
+    print(f"24 predictions in {predictions_seconds:.1f} s (slowest {slowest:.2f} s, {len(resent)} resent) "
+          "while training")

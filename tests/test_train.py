@@ -77,6 +77,17 @@ def test_report_has_the_documented_schema(tiny_result, tmp_path):
     assert manifest[0] == "file,class,split,sha256" and len(manifest) == 31
 
 
+def test_report_json_names_no_server_path(tiny_result, tmp_path, _session_cache):
+    """Visitors download report.json: the dataset folder is named, never located; files are relative to it."""
+    write_run(tiny_result, tmp_path, export=False)
+    text = (tmp_path / "report.json").read_text()
+    assert str(_session_cache) not in text and str(tmp_path) not in text
+    report = json.loads(text)
+    assert report["dataset"]["source"] == TINY and "/" not in report["dataset"]["root"]
+    wrong = [w["file"] for run in report["runs"].values() for w in run["misclassified"]]
+    assert wrong and all(f.startswith("val/") for f in wrong)  # relative to the root: "val/circle/circle_0008.png"
+
+
 def test_state_dicts_reload_with_weights_only(tiny_result, tmp_path):
     write_run(tiny_result, tmp_path, export=False)
     for arm in ("pretrained", "scratch"):

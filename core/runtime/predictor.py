@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +23,15 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from core.runtime.contract import FEATURES_OUTPUT, INPUT_NAME, OUTPUT_NAMES, ModelInfo, bad_model, parse_metadata
+from core.runtime.contract import (
+    FEATURES_OUTPUT,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    ModelFormatError,
+    ModelInfo,
+    bad_model,
+    parse_metadata,
+)
 from core.runtime.devices import CPU, GPU_PROVIDERS
 from core.runtime.images import ImageInput, as_rgb, check_batch, resize_and_crop
 from core.runtime.providers import check_model_path, create_session, open_session
@@ -68,13 +78,22 @@ def prepare_image(image: ImageInput, info: ModelInfo) -> np.ndarray:
 # ---------------------------------------------------------------- sessions
 
 
+class ModelTimeLimitError(ModelFormatError):
+    """A run took longer than the ``time_limit`` it was given and onnxruntime stopped it."""
+
+    title = "The model was too slow"
+
+
 class _Runner:
-    """Shared session plumbing: provider choice, fallback warning, optional IO binding, batching."""
+    """Shared session plumbing: provider choice, fallback warning, optional IO binding, batching, time limit."""
 
     output_name: str
 
     def __init__(self, path: Path, device: str, intra_op_threads: int | None, io_binding: bool | None,
-                 batch_size: int, spin: bool = False):
+                 batch_size: int, spin: bool = False, time_limit: float | None = None):
+        if time_limit is not None and not time_limit > 0:
+            raise ValueError(f"time_limit must be a number of seconds > 0 or None, got {time_limit!r}.")
+        self.time_limit = time_limit
         self.model_path = path
         self.device = device
         self._session, self.fallback_warning = create_session(path, device, intra_op_threads=intra_op_threads,
@@ -88,20 +107,50 @@ class _Runner:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.batch_size = batch_size
 
-    def _run_batch(self, batch: np.ndarray) -> np.ndarray:
+    def _run_batch(self, batch: np.ndarray, options: ort.RunOptions | None = None) -> np.ndarray:
         if not self._io_binding:
-            return self._session.run([self.output_name], {INPUT_NAME: batch})[0]
+            return self._session.run([self.output_name], {INPUT_NAME: batch}, options)[0]
         binding = self._session.io_binding()  # one per call: IO bindings are not shared between threads
         binding.bind_cpu_input(INPUT_NAME, batch)
         binding.bind_output(self.output_name, self._device_type)
-        self._session.run_with_iobinding(binding)
+        self._session.run_with_iobinding(binding, options)
         return binding.copy_outputs_to_cpu()[0]
 
+    def _run_limited(self, batch: np.ndarray, seconds: float, n_images: int) -> np.ndarray:
+        """``_run_batch`` stopped by onnxruntime once ``seconds`` have passed (``RunOptions.terminate``, which the
+        session checks between operators), raising ``ModelTimeLimitError``."""
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # the stop is reported by the exception below, not by onnxruntime's log
+        stopped = threading.Event()
+
+        def stop() -> None:
+            stopped.set()
+            options.terminate = True
+
+        timer = threading.Timer(max(seconds, 0.0), stop)
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._run_batch(batch, options)
+        except Exception:
+            if not stopped.is_set():
+                raise
+        finally:
+            timer.cancel()
+        images = f"{n_images} image{'s' if n_images != 1 else ''}"
+        raise ModelTimeLimitError(f"{self.model_path}: the model took longer than {self.time_limit:g} s to classify "
+                                  f"{images} and was stopped. Models exported by this app take well under a second "
+                                  "per image; try fewer images at once, or a smaller model.") from None
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        if len(batch) <= self.batch_size:
-            return self._run_batch(batch)
-        parts = [self._run_batch(batch[i:i + self.batch_size]) for i in range(0, len(batch), self.batch_size)]
-        return np.concatenate(parts)
+        chunks = [batch] if len(batch) <= self.batch_size else \
+            [batch[i:i + self.batch_size] for i in range(0, len(batch), self.batch_size)]
+        if self.time_limit is None:
+            parts = [self._run_batch(chunk) for chunk in chunks]
+        else:  # one deadline for the whole call, however many batches it takes
+            deadline = time.monotonic() + self.time_limit
+            parts = [self._run_limited(chunk, deadline - time.monotonic(), len(batch)) for chunk in chunks]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _warm_up(self, size: int) -> None:
         if self._on_gpu:  # the first CUDA run allocates memory and picks convolution algorithms
@@ -115,9 +164,12 @@ class Predictor(_Runner):
 
     def __init__(self, model_path: str | os.PathLike[str], *, device: str = "auto",
                  intra_op_threads: int | None = None, io_binding: bool | None = None, batch_size: int = 32,
-                 spin: bool = False):
+                 spin: bool = False, time_limit: float | None = None):
+        """``time_limit``: seconds one ``predict``/``predict_arrays`` call may run (all its batches together);
+        onnxruntime stops a longer one between two operators and ``ModelTimeLimitError`` is raised. None (the
+        default): no limit. For models that visitors upload (after ``check_model_file``)."""
         path = Path(model_path)
-        super().__init__(path, device, intra_op_threads, io_binding, batch_size, spin)
+        super().__init__(path, device, intra_op_threads, io_binding, batch_size, spin, time_limit)
         self.info = parse_metadata(self._session.get_modelmeta().custom_metadata_map, path)
         if self.info.kind != "classifier":
             raise bad_model(path, f"this is a {self.info.kind!r} model (a feature extractor), not a classifier; "
@@ -199,13 +251,16 @@ class PredictorCache:
         self.loads = 0  # how many Predictors were built
 
     @staticmethod
-    def _key(path: Path, device: str) -> tuple:
+    def _key(path: Path, device: str, time_limit: float | None = None) -> tuple:
         st = path.stat()
-        return str(path.resolve()), st.st_mtime_ns, st.st_size, device
+        return str(path.resolve()), st.st_mtime_ns, st.st_size, device, time_limit
 
-    def get(self, path: str | os.PathLike[str], device: str = "auto") -> Predictor:
+    def get(self, path: str | os.PathLike[str], device: str = "auto", *, time_limit: float | None = None
+            ) -> Predictor:
+        """The shared ``Predictor`` of ``path`` on ``device``, built on first use; ``time_limit`` as in
+        ``Predictor`` (pass one for files that visitors uploaded)."""
         path = Path(path)
-        key = self._key(path, device)
+        key = self._key(path, device, time_limit)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -215,7 +270,7 @@ class PredictorCache:
             with self._lock:
                 if key in self._items:
                     return self._items[key]
-            predictor = Predictor(path, device=device)
+            predictor = Predictor(path, device=device, time_limit=time_limit)
             with self._lock:
                 self.loads += 1
                 for old in [k for k in self._items if k[0] == key[0]]:  # older versions of the same file
@@ -237,38 +292,110 @@ class PredictorCache:
         return len(self._items)
 
 
-# Run in a child process: a malformed or hostile file can only crash that process.
+# The limits of the check's child process. Measured (VmPeak, the address space RLIMIT_AS counts, and CPU time) over
+# the whole check (structure, load, three images) with the environment check_model_file sets: efficientnet_b0 at
+# 512 px, the largest activations this app exports, 0.49 GB and 1.8 s; resnet18 at 512 px, the largest weights and
+# cost, 0.37 GB and 1.5 s; efficientnet_lite0 at 224 px 0.25 GB and 1.0 s. The imports alone (Python, numpy, Pillow,
+# onnx, onnxruntime) take ~0.2 GB. 2 GB leaves 4x room, and stops a model that would take gigabytes.
+CHECK_MEMORY_BYTES = 2 * 1024 ** 3
+CHECK_CPU_SECONDS = 30  # ~15x the slowest real check; a check on a loaded server waits for the CPU, not with it
+CHECK_SEED = 0  # the random test image: the same pixels on every check
+
+# Run in a child process: a malformed or hostile file can only crash that process, and the limits are set before
+# anything else (not with preexec_fn, which is unsafe in a threaded server). The structural check comes first, so
+# a model it refuses never reaches onnxruntime; then the model runs on a black image and on a batch of two random
+# ones (a model whose cost depends on the pixels would pass on black alone).
 _CHECK_MODEL = r"""
 import json, sys
+
+def limit(name, soft, hard):
+    try:
+        import resource  # POSIX; Linux enforces all three (macOS ignores RLIMIT_AS)
+        kind = getattr(resource, name)
+        old = resource.getrlimit(kind)[1]
+        low = lambda v: v if old == resource.RLIM_INFINITY else min(v, old)
+        resource.setrlimit(kind, (low(soft), low(hard)))
+    except (ImportError, AttributeError, ValueError, OSError):
+        pass
+
+path, memory, cpu, structural, seed = sys.argv[1], *map(int, sys.argv[2:4]), sys.argv[4] == "1", int(sys.argv[5])
+limit("RLIMIT_CORE", 0, 0)
+if memory:
+    limit("RLIMIT_AS", memory, memory)
+if cpu:  # SIGXCPU at the soft limit, SIGKILL 5 s later
+    limit("RLIMIT_CPU", cpu, cpu + 5)
+
+def answer(**fields):
+    print(json.dumps(fields), flush=True)
+
 import numpy as np
 from core.runtime.contract import ModelFormatError
 from core.runtime.predictor import Predictor
 try:
-    p = Predictor(sys.argv[1], device="cpu", intra_op_threads=1)
-    p.predict_arrays(np.zeros((1, p.image_size, p.image_size, 3), np.uint8))
+    if structural:
+        from core.runtime.model_check import check_structure
+        check_structure(path)
+    p = Predictor(path, device="cpu", intra_op_threads=1)
+    s = p.image_size
+    p.predict_arrays(np.zeros((1, s, s, 3), np.uint8))
+    p.predict_arrays(np.random.default_rng(seed).integers(0, 256, (2, s, s, 3), dtype=np.uint8))
     i = p.info
-    print(json.dumps({"ok": True, "classes": list(i.classes), "backbone": i.backbone, "image_size": i.image_size,
-                      "variant": i.variant}))
+    answer(ok=True, classes=list(i.classes), backbone=i.backbone, image_size=i.image_size, variant=i.variant)
+except MemoryError:
+    answer(ok=False, error="memory")
 except (ModelFormatError, ValueError, OSError) as exc:
-    print(json.dumps({"ok": False, "error": str(exc)}))
+    answer(ok=False, error=str(exc))
+except Exception as exc:  # onnxruntime's own errors (Fail, RuntimeException, ...) while running the model
+    text = str(exc).strip()
+    alloc = any(w in text.lower() for w in ("alloc", "out of memory", "memory limit"))
+    answer(ok=False, error="memory" if alloc else f"onnxruntime could not run it ({type(exc).__name__}: {text[:400]})")
 """
 
 
-def check_model_file(path: str | os.PathLike[str], timeout: float = 90.0) -> dict[str, Any]:
-    """Load ``path`` with a ``Predictor`` and run it once, in a child process, before trusting an uploaded file.
+def check_model_file(path: str | os.PathLike[str], timeout: float = 90.0, *,
+                     memory_bytes: int | None = CHECK_MEMORY_BYTES, cpu_seconds: int | None = CHECK_CPU_SECONDS,
+                     structural: bool = True) -> dict[str, Any]:
+    """Check an uploaded file in a child process before trusting it: ``core.runtime.model_check.check_structure``
+    (operators, weights, shapes, cost: nothing runs), then a ``Predictor`` on one black and two random images.
 
-    Returns ``{"ok": True, "classes", "backbone", "image_size", "variant"}`` or ``{"ok": False, "error"}``; a file
-    that crashes or hangs onnxruntime gives ``ok: False`` instead of taking this process down.
+    The child runs under an address-space limit (``memory_bytes``), a CPU-time limit (``cpu_seconds``) and the wall
+    clock ``timeout``; a file that crashes, hangs or exhausts onnxruntime gives ``ok: False`` instead of taking this
+    process down. This process never reads the model. ``structural=False`` skips the structural check (tests of
+    the limits behind it). Returns ``{"ok": True, "classes", "backbone", "image_size", "variant"}`` or
+    ``{"ok": False, "error"}``, the error worded for the person who uploaded the file.
     """
     root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           # one thread each and few malloc arenas: the address space stays small and predictable under the limit
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+    args = [sys.executable, "-c", _CHECK_MODEL, str(path), str(memory_bytes or 0), str(cpu_seconds or 0),
+            "1" if structural else "0", str(CHECK_SEED)]
+    memory = f"{memory_bytes / 1024 ** 3:g} GB" if memory_bytes else "the memory available"
     try:
-        proc = subprocess.run([sys.executable, "-c", _CHECK_MODEL, str(path)], capture_output=True, text=True,
-                              timeout=timeout, cwd=root, env=env)
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=root, env=env,
+                              stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"loading the model took longer than {timeout:.0f} s"}
+        return {"ok": False, "error": f"checking the model took longer than {timeout:g} s, so it was stopped. "
+                                      "Models exported by this app are checked in a few seconds."}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"ok": False, "error": f"onnxruntime could not load it (the check process exited with "
-                                      f"{proc.returncode})"}
-    return json.loads(lines[-1])
+    if lines:
+        result = json.loads(lines[-1])
+        if result.get("error") == "memory":
+            result["error"] = (f"the model needed more than {memory} of memory when it was checked, so it was "
+                               "stopped. Models exported by this app need far less.")
+        return result
+    cpu_signal, kill_signal = (getattr(signal, name, None) for name in ("SIGXCPU", "SIGKILL"))  # POSIX only
+    if cpu_signal and proc.returncode == -cpu_signal:
+        return {"ok": False, "error": f"checking the model used more than {cpu_seconds} s of CPU time, so it was "
+                                      "stopped. Models exported by this app are checked in a few seconds."}
+    if kill_signal and proc.returncode == -kill_signal:
+        return {"ok": False, "error": "checking the model was killed: it used too much CPU time or memory. Models "
+                                      "exported by this app are checked in a few seconds."}
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else "a signal"
+        return {"ok": False, "error": f"onnxruntime crashed on it ({name}); it is not a model this app can use."}
+    tail = proc.stderr.strip().splitlines()[-1:] or [""]
+    if "MemoryError" in tail[0] or "bad_alloc" in proc.stderr:
+        return {"ok": False, "error": f"loading the model needed more than {memory} of memory, so it was stopped."}
+    return {"ok": False, "error": f"onnxruntime could not load it (the check process exited with "
+                                  f"{proc.returncode})"}
