@@ -155,9 +155,9 @@ def _session_limit(group: str, n_inputs: int, what: str):
 
     def validator(request: gr.Request, *_inputs: Any) -> list[dict]:  # Gradio puts the request first, by its type
         if _pending(getattr(request, "session_hash", None), group) >= limit:
-            them = "it" if limit == 1 else "them"
-            raise _fail(f"You already have {limit} {what} waiting or running; wait for {them} to finish, then try "
-                        "again.", "Please wait")
+            count, them = ("a", "it") if limit == 1 else (str(limit), "them")
+            raise _fail(f"You already have {count} {what}{'' if limit == 1 else 's'} waiting or running; wait for "
+                        f"{them} to finish, then try again.", "Please wait")
         return [gr.validate(True, "")] * n_inputs
 
     return validator
@@ -549,13 +549,13 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurre
     in one queue; predictions run wide. Every queued request counts against its session's ``PENDING_PER_SESSION``."""
     state, data_out, train_out = c["state"], [c[n] for n in DATA_OUTPUTS], [c[n] for n in TRAIN_OUTPUTS]
 
-    def data(n_inputs: int, what: str = "uploads") -> dict:
+    def data(n_inputs: int, what: str = "upload") -> dict:
         return dict(concurrency_limit=2, concurrency_id="data", validator=_session_limit("data", n_inputs, what))
 
     # Loading the page never waits behind someone's upload: it only loads a built-in sample.
     demo.load(on_page_load, [state, c["preset"]], data_out, api_visibility="private", concurrency_limit=4,
               concurrency_id="page")
-    c["preset"].input(load_sample, [c["preset"], state], data_out, api_name="load_sample", **data(2, "datasets"))
+    c["preset"].input(load_sample, [c["preset"], state], data_out, api_name="load_sample", **data(2, "dataset load"))
     c["zip_in"].upload(load_zip, [c["zip_in"], state], data_out, api_name="load_zip", **data(2))
     # Train: the click arms a fresh cancel flag (unqueued, so Cancel works while queued), then the job waits its turn.
     train_inputs = [state, *(c[n] for n in TRAIN_INPUTS)]
@@ -573,7 +573,7 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurre
     predict_io = ([state, c["model_choice"], c["image_in"], c["files_in"]],
                   [c["label_out"], c["predict_info"], c["batch_df"]])
     wide = dict(concurrency_limit=predict_concurrency, concurrency_id="predict",
-                validator=_session_limit("predict", len(predict_io[0]), "predictions"))
+                validator=_session_limit("predict", len(predict_io[0]), "prediction"))
     c["predict_btn"].click(predict, *predict_io, api_name="predict", **wide)
     for upload in (c["image_in"].upload, c["files_in"].upload):
         upload(predict, *predict_io, api_visibility="private", **wide)
@@ -581,7 +581,7 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurre
                         api_name="upload_model", **data(2))
     c["bench_btn"].click(benchmark, [state], [c["bench_md"], c["bench_plot"], c["bench_df"]], api_name="benchmark",
                          concurrency_limit=concurrency, concurrency_id="train",
-                         validator=_session_limit("train", 1, "training or benchmark"))
+                         validator=_session_limit("train", 1, "training or benchmark run"))
     demo.unload(on_unload)  # tab closed: mark the folder (deleted after a grace period)
 
 

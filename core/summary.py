@@ -220,7 +220,7 @@ class ExportSummary:
     checks: pd.DataFrame  # parity with PyTorch and the variants' accuracy checks
 
 
-def _check_rows(exp: dict) -> list[dict[str, str]]:
+def _check_rows(exp: dict, clean: Callable[[str], str] = str) -> list[dict[str, str]]:
     rows = []
     parity = exp.get("parity")
     if isinstance(parity, dict):
@@ -237,7 +237,7 @@ def _check_rows(exp: dict) -> list[dict[str, str]]:
             label = VARIANTS[name].label if name in VARIANTS else name
             rows.append({"model": f"{label} variant", "check": "accuracy vs FP32",
                          "result": "✅ accepted" if v.get("accepted") else "❌ rejected",
-                         "details": str(v.get("reason", ""))})
+                         "details": clean(str(v.get("reason", "")))})  # a build error may name a server path
     return rows
 
 
@@ -274,5 +274,5 @@ def export_summary(report: dict, run_dir: Path, *, clean: Callable[[str], str] =
         downloads["triton"] = run_dir / triton["file"]
     elif triton.get("error"):
         lines.append(f"⚠️ The Triton repository could not be built: {md(clean(triton['error']))}")
-    checks = pd.DataFrame(_check_rows(exp), columns=["model", "check", "result", "details"])
+    checks = pd.DataFrame(_check_rows(exp, clean), columns=["model", "check", "result", "details"])
     return ExportSummary("\n\n".join(lines), downloads, checks)

@@ -198,13 +198,17 @@ def test_one_session_cannot_fill_the_queues(app_server):
     flooder.predict(TINY, api_name="/load_sample")
     other.predict(TINY, api_name="/load_sample")
     first = flooder.submit(*LONG, api_name="/train")
+    deadline = time.monotonic() + 60  # submit() returns before the request has joined the queue
+    while first.status().code.name not in ("IN_QUEUE", "PROCESSING", "ITERATING", "PROGRESS", "LOG"):
+        assert time.monotonic() < deadline, f"the first training never joined the queue: {first.status()}"
+        time.sleep(0.1)
     refused = 0
     for _ in range(5):
         try:
             flooder.submit(*QUICK, api_name="/train").result(timeout=30)
         except HTTPStatusError as exc:
             assert exc.response.status_code == 400
-            assert "already have 1 training" in exc.response.json()["detail"], exc.response.text
+            assert "already have a training waiting" in exc.response.json()["detail"], exc.response.text
             refused += 1
     assert refused == 5, "a session queued a second training while its first was waiting or running"
     # Another visitor is still served at once, and may queue their own training behind the flooder's one.
