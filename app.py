@@ -20,6 +20,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -50,7 +51,7 @@ UPLOAD_TIME_LIMIT_S = 30.0
 MAX_BUDGET_S = 300  # default --max-budget: 5x the form's default; one job holds the training slot ~10 min at most
 # Requests one session may have waiting or running per queue group, checked when a request joins the queue, so
 # one visitor cannot fill the queue (or the training slot) and leave the others "Queue is full".
-PENDING_PER_SESSION = {"train": 1, "predict": 4, "data": 1}
+PENDING_PER_SESSION = {"train": 1, "predict": 8, "data": 1}  # predict: as many as run at once, no more queued
 BENCH_REPEATS, BENCH_WARMUP = 10, 2  # median of interleaved runs; tests lower these
 SESSIONS = sessions.STORE
 PREDICTORS = SESSIONS.predictors
@@ -148,13 +149,34 @@ def _pending(session_hash: str | None, group: str) -> int:
     return sum(1 for e in [*waiting, *running] if e.session_hash == session_hash and e.concurrency_id == group)
 
 
+_JOINS: dict[tuple[str, str], list[float]] = {}  # (session hash, group) -> when its recent requests were let in
+_JOINS_LOCK = threading.Lock()
+JOIN_WINDOW_S = 0.5  # a request let in is counted for this long even before it shows in Gradio's queue
+
+
+def _admit(session_hash: str | None, group: str, limit: int) -> bool:
+    """Whether one more request of this session may join ``group``'s queue; if so it is counted at once, so that
+    requests arriving together cannot all pass before any of them is in the queue."""
+    if not session_hash:
+        return True
+    with _JOINS_LOCK:
+        now = time.monotonic()
+        recent = [t for t in _JOINS.get((session_hash, group), []) if now - t < JOIN_WINDOW_S]
+        if max(_pending(session_hash, group), len(recent)) >= limit:
+            return False
+        _JOINS[(session_hash, group)] = [*recent, now]
+        for key in [k for k, times in _JOINS.items() if now - times[-1] >= JOIN_WINDOW_S]:
+            del _JOINS[key]
+        return True
+
+
 def _session_limit(group: str, n_inputs: int, what: str):
     """A Gradio validator (it runs when a request joins the queue) refusing a session's request beyond
     ``PENDING_PER_SESSION[group]`` of that group."""
     limit = PENDING_PER_SESSION[group]
 
     def validator(request: gr.Request, *_inputs: Any) -> list[dict]:  # Gradio puts the request first, by its type
-        if _pending(getattr(request, "session_hash", None), group) >= limit:
+        if not _admit(getattr(request, "session_hash", None), group, limit):
             count, them = ("a", "it") if limit == 1 else (str(limit), "them")
             raise _fail(f"You already have {count} {what}{'' if limit == 1 else 's'} waiting or running; wait for "
                         f"{them} to finish, then try again.", "Please wait")
@@ -165,22 +187,29 @@ def _session_limit(group: str, n_inputs: int, what: str):
 
 # -------- Data tab ---------------------------------------------------------------------------------------------
 
-DATA_OUTPUTS = ("state", "summary", "counts_plot", "gallery", "skipped", "warnings")
+DATA_OUTPUTS = ("state", "summary", "counts_plot", "gallery", "skipped", "warnings", "preset")
 
 
-def _loaded(state: dict, label: str, ds: Dataset) -> tuple:
-    state["dataset"], state["source"] = ds, label
+def _loaded(state: dict, label: str, ds: Dataset, sample: str | None = None) -> tuple:
+    """The Data tab for a newly loaded dataset; the sample menu is emptied for an upload (the page names one
+    dataset), and ``state["sample"]`` remembers which sample is loaded."""
+    state["dataset"], state["source"], state["sample"] = ds, label, sample
     return (state, dataset_summary(ds, label), plots.detached(plots.class_counts, ds.counts()), dataset_gallery(ds),
-            skipped_table(ds), dataset_warnings(ds))
+            skipped_table(ds), dataset_warnings(ds), gr.skip() if sample else gr.update(value=None))
 
 
 def load_sample(choice: str, state: dict | None, request: gr.Request = None) -> tuple:
-    """Load a built-in sample (preset name or a ``sample:`` spec). Outputs: ``DATA_OUTPUTS``."""
+    """Load a built-in sample (preset name or a ``sample:`` spec). Outputs: ``DATA_OUTPUTS``.
+
+    An empty choice, or the sample already loaded, changes nothing: the menu also reports its value when it is
+    merely opened and closed, which must not replace an uploaded dataset or reload the same sample."""
     state = _state(state, request)
+    if not choice or (choice == state.get("sample") and state.get("dataset") is not None):
+        return (state, *(gr.skip() for _ in DATA_OUTPUTS[1:]))
     SESSIONS.sweep()
     with _errors_shown_as("Cannot use this dataset", state):  # a SampleError brings its own title
         label, ds = SESSIONS.load_sample(state, choice)
-    return _loaded(state, label, ds)
+    return _loaded(state, label, ds, sample=choice)
 
 
 def load_zip(file: Any, state: dict | None, request: gr.Request = None) -> tuple:
@@ -555,7 +584,8 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurre
     # Loading the page never waits behind someone's upload: it only loads a built-in sample.
     demo.load(on_page_load, [state, c["preset"]], data_out, api_visibility="private", concurrency_limit=4,
               concurrency_id="page")
-    c["preset"].input(load_sample, [c["preset"], state], data_out, api_name="load_sample", **data(2, "dataset load"))
+    c["preset"].input(load_sample, [c["preset"], state], data_out, api_name="load_sample", trigger_mode="once",
+                      **data(2, "dataset load"))
     c["zip_in"].upload(load_zip, [c["zip_in"], state], data_out, api_name="load_zip", **data(2))
     # Train: the click arms a fresh cancel flag (unqueued, so Cancel works while queued), then the job waits its turn.
     train_inputs = [state, *(c[n] for n in TRAIN_INPUTS)]

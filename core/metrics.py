@@ -46,7 +46,39 @@ def classification_metrics(y_true, y_pred, classes: list[str]) -> dict:
 
 
 def verdict(metrics: dict, rule: VerdictRule = VerdictRule()) -> dict:
-    """``{"label": "good"|"fair"|"poor", "reasons": [...]}`` with the numbers behind each reason."""
+    """``{"label": "good"|"fair"|"poor", "reasons": [...]}`` with the numbers behind each reason.
+
+    The label follows the point estimates. When ``metrics`` carries 95% intervals (``core.stats``) that could
+    change whether the run is good, a last reason says so and ``"straddles"`` (empty otherwise) names the metrics:
+    for a good run, any interval that reaches below its bar (accuracy 85%, macro precision and recall 80%); for
+    another run, the intervals of the metrics below their bars, when every one of them reaches above it. The
+    validation set is then too small to tell which side of the bar the run is on.
+    """
+    result = _verdict(metrics, rule)
+    below, above, missed = [], [], []  # (key, note): intervals reaching below / above a bar; keys under their bar
+    for key, name, bar in (("val_accuracy", "accuracy", rule.good_accuracy),
+                           ("precision_macro", "macro precision", rule.good_precision_recall),
+                           ("recall_macro", "macro recall", rule.good_precision_recall)):
+        ci = metrics.get(f"{key}_ci")
+        if metrics[key] < bar:
+            missed.append(key)
+        if not ci or not ci[0] < bar <= ci[1]:
+            continue
+        direction = "below" if metrics[key] >= bar else "above"
+        note = f"the {name} interval ({ci[0]:.1%}–{ci[1]:.1%}) reaches {direction} {bar:.0%}"
+        (below if direction == "below" else above).append((key, note))
+    if result["label"] == "good":
+        notes = below
+    else:
+        notes = above if missed and [key for key, _ in above] == missed else []
+    if notes:
+        result["reasons"].append(f"{result['label']}, but {'; '.join(n for _, n in notes)}: collect more validation "
+                                 "images to be sure")
+    result["straddles"] = [key for key, _ in notes]
+    return result
+
+
+def _verdict(metrics: dict, rule: VerdictRule) -> dict:
     acc, p, r = metrics["val_accuracy"], metrics["precision_macro"], metrics["recall_macro"]
     gap = abs(p - r)
     reasons: list[str] = []

@@ -96,8 +96,8 @@ class SessionError(UserError):
 
 def new_state() -> dict[str, Any]:
     """A fresh session state: plain values only (front ends deep-copy it); ``ensure_state`` adds the cancel flag."""
-    return {"sid": secrets.token_hex(8), "dataset": None, "source": None, "run_dir": None, "last": None,
-            "uploaded_model": None}
+    return {"sid": secrets.token_hex(8), "dataset": None, "source": None, "sample": None, "run_dir": None,
+            "last": None, "uploaded_model": None}
 
 
 def _sid(state: Any) -> str | None:
@@ -647,6 +647,10 @@ class SessionStore:
                                     max_total_bytes=MAX_ZIP_BYTES)
                 zip_copy.unlink(missing_ok=True)
                 dataset = load_dataset(root, cache=folder / "cache", max_pixels=MAX_IMAGE_PIXELS)
+            for skipped in dataset.skipped:  # named like an image but not one (or too large): not kept on disk
+                path = (root / skipped.file).resolve()
+                if root.resolve() in path.parents and path.is_file():
+                    path.unlink()
             for earlier in data.iterdir():  # one uploaded dataset per session
                 if earlier != target:
                     remove_path(earlier)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.stats import McNemarResult
 from core.text import md, plain
 from export.variants import VARIANTS, variant_path
 
@@ -24,6 +25,14 @@ ARM_TITLES = {"pretrained": "pretrained backbone + new head", "scratch": "from s
 
 def pct(v: float | None) -> str:
     return "–" if v is None else f"{v:.1%}"
+
+
+def pct_ci(run: dict, key: str) -> str:
+    """``run[key]`` with its 95% interval when the report has one (``<key>_ci``): "94.8% (91.0–97.1)"."""
+    v, ci = run.get(key), run.get(f"{key}_ci")
+    if v is None or not ci:
+        return pct(v)
+    return f"{v:.1%} ({ci[0] * 100:.1f}–{ci[1] * 100:.1f})"
 
 
 def sec(v: float | None, never: str = "never") -> str:
@@ -50,20 +59,25 @@ def trained_layers(arm: str, run: dict) -> str:
     return "head only (backbone frozen)"
 
 
+def sec_of(run: dict, key: str) -> str:
+    return sec(run.get(key))
+
+
 def comparison_rows(report: dict) -> list[tuple[str, dict[str, str]]]:
-    """``[(metric label, {arm: formatted value})]`` for every headline metric of every arm."""
+    """``[(metric label, {arm: formatted value})]`` for every headline metric of every arm (percentages with their
+    95% interval in brackets when the report has them)."""
     runs = report["runs"]
     metrics = [
-        ("validation accuracy", "val_accuracy", pct),
-        ("balanced accuracy", "balanced_accuracy", pct),
-        ("precision (macro)", "precision_macro", pct),
-        ("recall (macro)", "recall_macro", pct),
-        ("F1 (macro)", "f1_macro", pct),
-        ("training time", "train_seconds", sec),
-        (f"time to {report['target_accuracy']:.0%}", "time_to_target_seconds", sec),
+        ("validation accuracy", "val_accuracy", pct_ci),
+        ("balanced accuracy", "balanced_accuracy", pct_ci),
+        ("precision (macro)", "precision_macro", pct_ci),
+        ("recall (macro)", "recall_macro", pct_ci),
+        ("F1 (macro)", "f1_macro", pct_ci),
+        ("training time", "train_seconds", sec_of),
+        (f"time to {report['target_accuracy']:.0%}", "time_to_target_seconds", sec_of),
     ]
     rows = [("layers trained", {arm: trained_layers(arm, run) for arm, run in runs.items()})]
-    rows += [(label, {arm: fmt(run.get(key)) for arm, run in runs.items()}) for label, key, fmt in metrics]
+    rows += [(label, {arm: fmt(run, key) for arm, run in runs.items()}) for label, key, fmt in metrics]
     rows.append(("speed-up to target", {arm: speedup_cell(report, arm) for arm in runs}))
     rows.append(("best epoch / epochs run",
                  {arm: f"{r.get('best_epoch')} / {r.get('epochs_run', len(r.get('history', [])))}"
@@ -73,7 +87,28 @@ def comparison_rows(report: dict) -> list[tuple[str, dict[str, str]]]:
 
 
 def speedup_text(report: dict) -> str:
-    """One sentence: how much sooner the pretrained arm reached the target (or which arm did, or neither)."""
+    """How much sooner the pretrained arm reached the target (or which arm did, or neither), then whether the
+    arms' accuracies really differ (``comparison_text``) as a second paragraph."""
+    paired = comparison_text(report)
+    return _speedup_sentence(report) + (f"\n\n{paired}" if paired else "")
+
+
+def comparison_text(report: dict) -> str:
+    """The paired test of the two arms in one plain sentence (no Markdown, no visitor text); "" without one."""
+    comp = report.get("comparison")
+    if not comp:
+        return ""
+    # Rebuilt from the numbers alone, so nothing but digits and this module's words reaches the page.
+    statistic = comp.get("statistic")
+    method = "exact binomial" if statistic is None else "chi-square with continuity correction"
+    test = McNemarResult(int(comp["b"]), int(comp["c"]), int(comp["n"]), float(comp["p_value"]), method,
+                         None if statistic is None else float(statistic), ("pretrained", "scratch"),
+                         float(comp.get("alpha", 0.05)))
+    split = {"val": "validation", "test": "test"}.get(comp.get("split"), "evaluation")
+    return f"Paired test (McNemar, {method}) on the same {test.n} {split} images: {test.sentence}"
+
+
+def _speedup_sentence(report: dict) -> str:
     target = report["target_accuracy"]
     runs = report["runs"]
     sp = report.get("speedup_time_to_target")
@@ -155,7 +190,9 @@ def summary_text(report: dict) -> str:
     rows = [("", *runs)] + [(label, *values.values()) for label, values in comparison_rows(report)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.append(speedup_text(report).replace("**", "").removeprefix("⚡ "))
+    lines.append(_speedup_sentence(report).replace("**", "").removeprefix("⚡ "))
+    if paired := comparison_text(report):
+        lines.append(paired)
     lines += [f"{arm} verdict: {r['verdict']['label']} ({'; '.join(r['verdict']['reasons'])})"
               for arm, r in runs.items()]
     lines += [f"WARNING {title}: {message}" for title, flagged, message in diagnostic_items(report) if flagged]

@@ -3,8 +3,9 @@
 Read top to bottom: ``TrainConfig`` (in ``core.config``) -> ``prepare_images`` (decode + resize once) ->
 ``train_pretrained`` (features cached once, then the head trains on them) and ``train_from_scratch`` (every layer,
 with augmentation; ``train_finetune`` trains the last blocks of the pretrained backbone the same way) ->
-``summarize_run`` (best epoch, scikit-learn metrics, verdict). ``run_compare`` drives both arms on one split and adds
-the pitfall diagnostics; ``core.report`` writes the artifacts.
+``summarize_run`` (best epoch, scikit-learn metrics with 95% intervals, verdict). ``run_compare`` drives both arms on
+one split and adds the paired test between them (``compare_arms``) and the pitfall diagnostics; ``core.report``
+writes the artifacts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import models
 from models.classifier import make_head
 from models.preprocess import ImagePreprocess
 
-from . import diagnostics
+from . import diagnostics, stats
 from .config import TrainConfig
 from .data import Dataset
 from .device import resolve_device
@@ -341,9 +342,17 @@ def time_to_target(history: list[dict], target: float) -> float | None:
     return next((h["seconds"] for h in history if h["val_accuracy"] >= target), None)
 
 
+def _scored(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], seed: int) -> dict:
+    """scikit-learn metrics of one split, each headline metric with its 95% interval (``<metric>_ci``)."""
+    pred = probabilities.argmax(1)
+    return {**classification_metrics(labels, pred, classes),
+            **stats.headline_intervals(labels, pred, len(classes), seed=seed)}
+
+
 def summarize_run(result: RunResult, classes: list[str], val: PreparedImages, test: PreparedImages | None,
-                  target: float) -> dict:
-    metrics = classification_metrics(val.labels, result.val_probabilities.argmax(1), classes)
+                  target: float, *, seed: int = 0) -> dict:
+    """One arm's report: metrics with intervals (bootstrap seeded with ``seed``), timings, verdict, history."""
+    metrics = _scored(val.labels, result.val_probabilities, classes, seed)
     probs = result.val_probabilities
     wrong = [{"file": val.files[i], "true": classes[val.labels[i]], "predicted": classes[int(probs[i].argmax())],
               "probability": float(probs[i].max())} for i in misclassified(val.labels, probs, limit=50)]
@@ -358,7 +367,7 @@ def summarize_run(result: RunResult, classes: list[str], val: PreparedImages, te
         "history": result.history,
     }
     if test is not None and result.test_probabilities is not None:
-        run["test"] = classification_metrics(test.labels, result.test_probabilities.argmax(1), classes)
+        run["test"] = _scored(test.labels, result.test_probabilities, classes, seed)
     run.update({k: v for k, v in result.extra.items() if k != "features"})
     return run
 
@@ -415,7 +424,8 @@ def run_compare(dataset: Dataset, cfg: TrainConfig | None = None, callbacks: Cal
     for arm in arms:
         results[arm] = trainers[arm](cfg, classes, train, val, test, device, callbacks)
 
-    runs = {arm: summarize_run(r, classes, val, test, cfg.target_accuracy) for arm, r in results.items()}
+    runs = {arm: summarize_run(r, classes, val, test, cfg.target_accuracy, seed=cfg.seed)
+            for arm, r in results.items()}
     for run in runs.values():  # visitors download report.json: files relative to the dataset root, no server path
         for wrong in run["misclassified"]:
             wrong["file"] = dataset.relpath(wrong["file"])
@@ -432,10 +442,19 @@ def run_compare(dataset: Dataset, cfg: TrainConfig | None = None, callbacks: Cal
         "config": cfg.to_dict(),
         "runs": runs,
         "speedup_time_to_target": speedup(runs["pretrained"], runs["scratch"]) if len(runs) == 2 else None,
+        "intervals": stats.interval_method(cfg.seed),
+        "comparison": compare_arms(results, val) if len(results) == 2 else None,
         "diagnostics": _diagnostics(dataset, classes, train, val, test, results, runs),
     }
     callbacks.report("done", 1.0, "training finished")
     return CompareResult(report, results, train, val, test, dataset)
+
+
+def compare_arms(results: dict[str, RunResult], val: PreparedImages) -> dict:
+    """McNemar's test of the two arms on the same validation images (their best-epoch predictions)."""
+    correct = {arm: r.val_probabilities.argmax(1) == val.labels for arm, r in results.items()}
+    test = stats.mcnemar(correct["pretrained"], correct["scratch"], names=("pretrained", "scratch"))
+    return {"test": "McNemar", "split": "val", **test.to_dict()}
 
 
 def _subset(p: PreparedImages, lo: int, hi: int) -> PreparedImages:

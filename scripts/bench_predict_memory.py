@@ -96,7 +96,8 @@ def main() -> None:
                 v.predict("sample:shapes?per_class=8&size=32", api_name="/load_sample")
                 v.predict("efficientnet_lite0", 1, 0, 32, 0.85, "cpu", False, 0, api_name="/train")
             v0 = visitors[0]
-            v0.predict("run:fp32", handle_file(str(png)), None, api_name="/predict")  # warm: predictor loaded
+            for v in visitors:  # warm: each session's predictor loaded and its arena grown for a batch of 8
+                v.predict("run:fp32", None, [handle_file(str(png))] * 8, api_name="/predict")
             print(f"server idle: {rss_mb(proc.pid):.0f} MB RSS; image {args.side}x{args.side} = {mp:.0f} MP PNG "
                   f"({png.stat().st_size / 1e6:.1f} MB file); target: growth under {TARGET_MB} MB")
 

@@ -126,6 +126,7 @@ def hostile_zip(path: Path) -> Path:
         zf.writestr("red/evil.html", "<script>alert(document.cookie)</script>")
         zf.writestr("blue/evil.svg", '<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>')
         zf.writestr("blue/evil.js", "alert(1)")
+        zf.writestr("red/evil.svg.png", '<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>')
     return path
 
 
@@ -138,7 +139,7 @@ def test_zip_members_that_are_not_images_are_neither_unpacked_nor_served(app_ser
     unpacked = {p.name for p in root.rglob("evil.*")}
     assert not unpacked, f"non-image members were written under the session root: {unpacked}"
     listed = {Path(row[0]).name for row in skipped["data"]}
-    assert {"evil.html", "evil.svg", "evil.js"} <= listed, skipped
+    assert {"evil.html", "evil.svg", "evil.js", "evil.svg.png"} <= listed, skipped
     # Nothing under the session root is served by its path, not even the visitor's own images.
     image = next(root.rglob("*.png"))
     for path in (image, str(image).replace("/", "%2F"), f"{root}/../{image.relative_to(root.parent)}"):
@@ -196,7 +197,7 @@ def test_one_session_cannot_fill_the_queues(app_server):
     url, _ = app_server
     flooder, other = client(url), client(url)
     flooder.predict(TINY, api_name="/load_sample")
-    other.predict(TINY, api_name="/load_sample")
+    other.predict("sample:shapes?per_class=6&size=32", api_name="/load_sample")
     first = flooder.submit(*LONG, api_name="/train")
     deadline = time.monotonic() + 60  # submit() returns before the request has joined the queue
     while first.status().code.name not in ("IN_QUEUE", "PROCESSING", "ITERATING", "PROGRESS", "LOG"):
@@ -316,3 +317,37 @@ def test_a_full_disk_keeps_the_earlier_dataset_and_says_so(tmp_path, monkeypatch
     assert state["dataset"] is before
     leftovers = [p for p in (tmp_path / "sessions").rglob("upload-*") if p.is_dir()]
     assert len(leftovers) == 1, leftovers  # the first upload only
+
+
+def test_requests_sent_together_cannot_beat_the_per_session_limit(app_server):
+    from httpx import HTTPStatusError
+
+    url, _ = app_server
+    burst = client(url)
+    burst.predict(TINY, api_name="/load_sample")
+    jobs = [burst.submit(*QUICK, api_name="/train") for _ in range(6)]  # each joins from its own thread at once
+    accepted = 0
+    for job in jobs:
+        try:
+            assert "Done" in job.result(timeout=300)[0]
+            accepted += 1
+        except HTTPStatusError as exc:
+            assert exc.response.status_code == 400
+    assert accepted == 1, f"{accepted} trainings of one session were let into the queue together"
+
+
+def test_the_sample_menu_never_replaces_an_upload_or_reloads_itself(tmp_path):
+    import app
+
+    app.configure(tmp_path / "sessions")
+    state = app.load_zip(str(colour_zip(tmp_path / "mine.zip")), app.new_session())[0]
+    uploaded = state["dataset"]
+    outputs = dict(zip(app.DATA_OUTPUTS, app.load_zip(str(colour_zip(tmp_path / "mine2.zip", seed=4)), state)))
+    assert outputs["preset"] == {"__type__": "update", "value": None}  # the menu no longer names a sample
+    uploaded = state["dataset"]
+    for menu_value in (None, ""):  # the menu opened and closed after an upload
+        assert app.load_sample(menu_value, state)[0]["dataset"] is uploaded
+    state = app.load_sample(TINY, state)[0]
+    sample = state["dataset"]
+    assert sample is not uploaded
+    assert app.load_sample(TINY, state)[0]["dataset"] is sample  # the same sample again: not reloaded
