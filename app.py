@@ -20,7 +20,6 @@ import logging
 import os
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -37,6 +36,7 @@ from core.device import describe_device, resolve_device
 from core.features import warm_up_feature_engine
 from core.jobs import Cancelled, Epoch, Failed, Finished, Progress, TrainingJob, epoch_line, live_runs
 from core.predict_view import classify, load_images, model_description
+from core.queue_limits import QueueLimits
 from core.runtime.errors import UserError, os_error_message
 from core.samples import DEFAULT_PRESET, PRESETS
 from core.train_form import backbone_choices, default_image_size, device_choices, inference_device, make_config
@@ -137,49 +137,31 @@ def _upload_name(file: Any, path: Path) -> str:
 LIMITS: dict[str, Any] = {"max_budget": MAX_BUDGET_S, "demo": None}  # set by build_app
 
 
+def _queued_events() -> list[tuple[str, str]]:
+    """``(session hash, concurrency group)`` of every request waiting or running. Reads Gradio's queue internals
+    (gradio is pinned; tests/test_security.py floods the queue over HTTP to keep this honest)."""
+    queue = getattr(LIMITS["demo"], "_queue", None)
+    if queue is None:
+        return []
+    waiting = [e for group in list(queue.event_queue_per_concurrency_id.values()) for e in list(group.queue)]
+    running = [e for job in list(queue.active_jobs) if job for e in job]
+    return [(e.session_hash, e.concurrency_id) for e in [*waiting, *running]]
+
+
+QUEUE_LIMITS = QueueLimits(PENDING_PER_SESSION, _queued_events)
+
+
 def _pending(session_hash: str | None, group: str) -> int:
-    """Requests of one browser session waiting or running in a queue group. Reads Gradio's queue (its internals:
-    gradio is pinned, and tests/test_security.py floods the queue over HTTP to keep this honest)."""
-    demo = LIMITS["demo"]
-    queue = getattr(demo, "_queue", None)
-    if not session_hash or queue is None:
-        return 0
-    waiting = getattr(queue.event_queue_per_concurrency_id.get(group), "queue", [])
-    running = [event for job in queue.active_jobs if job for event in job]
-    return sum(1 for e in [*waiting, *running] if e.session_hash == session_hash and e.concurrency_id == group)
-
-
-_JOINS: dict[tuple[str, str], list[float]] = {}  # (session hash, group) -> when its recent requests were let in
-_JOINS_LOCK = threading.Lock()
-JOIN_WINDOW_S = 0.5  # a request let in is counted for this long even before it shows in Gradio's queue
-
-
-def _admit(session_hash: str | None, group: str, limit: int) -> bool:
-    """Whether one more request of this session may join ``group``'s queue; if so it is counted at once, so that
-    requests arriving together cannot all pass before any of them is in the queue."""
-    if not session_hash:
-        return True
-    with _JOINS_LOCK:
-        now = time.monotonic()
-        recent = [t for t in _JOINS.get((session_hash, group), []) if now - t < JOIN_WINDOW_S]
-        if max(_pending(session_hash, group), len(recent)) >= limit:
-            return False
-        _JOINS[(session_hash, group)] = [*recent, now]
-        for key in [k for k, times in _JOINS.items() if now - times[-1] >= JOIN_WINDOW_S]:
-            del _JOINS[key]
-        return True
+    return QUEUE_LIMITS.pending(session_hash, group) if session_hash else 0
 
 
 def _session_limit(group: str, n_inputs: int, what: str):
     """A Gradio validator (it runs when a request joins the queue) refusing a session's request beyond
     ``PENDING_PER_SESSION[group]`` of that group."""
-    limit = PENDING_PER_SESSION[group]
 
     def validator(request: gr.Request, *_inputs: Any) -> list[dict]:  # Gradio puts the request first, by its type
-        if not _admit(getattr(request, "session_hash", None), group, limit):
-            count, them = ("a", "it") if limit == 1 else (str(limit), "them")
-            raise _fail(f"You already have {count} {what}{'' if limit == 1 else 's'} waiting or running; wait for "
-                        f"{them} to finish, then try again.", "Please wait")
+        if not QUEUE_LIMITS.admit(getattr(request, "session_hash", None), group):
+            raise _fail(QUEUE_LIMITS.refusal(group, what), "Please wait")
         return [gr.validate(True, "")] * n_inputs
 
     return validator
