@@ -151,10 +151,6 @@ def _queued_events() -> list[tuple[str, str]]:
 QUEUE_LIMITS = QueueLimits(PENDING_PER_SESSION, _queued_events)
 
 
-def _pending(session_hash: str | None, group: str) -> int:
-    return QUEUE_LIMITS.pending(session_hash, group) if session_hash else 0
-
-
 def _session_limit(group: str, n_inputs: int, what: str):
     """A Gradio validator (it runs when a request joins the queue) refusing a session's request beyond
     ``PENDING_PER_SESSION[group]`` of that group."""
@@ -244,7 +240,7 @@ def arm_training(state: dict | None, request: gr.Request = None) -> tuple:
     """Runs (unqueued) right when Train is clicked: a fresh cancel flag, so Cancel also works while queued. A
     session whose training is already waiting or running is told so (and its cancel flag is left alone)."""
     state = _state(state, request)
-    if _pending(getattr(request, "session_hash", None), "train"):
+    if QUEUE_LIMITS.pending(getattr(request, "session_hash", None), "train"):
         raise _fail("Your training is already waiting for its turn or running: wait for it, or press Cancel.",
                     "Already training")
     state["cancel"] = threading.Event()

@@ -28,10 +28,6 @@ _LARGE_DECODE = threading.BoundedSemaphore(1)
 class PredictInputError(UserError):
     """An image to classify cannot be used (unreadable, too large, too many); the message says what to do."""
 
-    def __init__(self, message: str, title: str) -> None:
-        super().__init__(message)
-        self.title = title
-
 
 def load_images(files: list[tuple[str, Any]], predictor: Predictor) -> list[tuple[str, Image.Image]]:
     """``(name, image)`` for ``(name, path or image)`` pairs, memory bounded by design: every file's size is read
@@ -39,7 +35,8 @@ def load_images(files: list[tuple[str, Any]], predictor: Predictor) -> list[tupl
     decoded (JPEG draft mode, ``Image.reduce``) and at once resized to the model's resize size, so the process holds
     one large decode at a time and ~350 KB per image after it. Raises ``PredictInputError``."""
     if len(files) > MAX_IMAGES:
-        raise PredictInputError(f"At most {MAX_IMAGES} images per request, got {len(files)}.", "Too many images")
+        raise PredictInputError(f"At most {MAX_IMAGES} images per request, got {len(files)}.",
+                                title="Too many images")
     side, interpolation = predictor.info.resize_size, predictor.info.interpolation
     total, images = 0, []
     for name, source in files:
@@ -51,13 +48,13 @@ def load_images(files: list[tuple[str, Any]], predictor: Predictor) -> list[tupl
                 total += pixels
                 if total > MAX_REQUEST_PIXELS:
                     raise PredictInputError(f"These images hold more than {MAX_REQUEST_PIXELS // 10**6} megapixels "
-                                            "together; send fewer or smaller ones.", "Too many pixels")
+                                            "together; send fewer or smaller ones.", title="Too many pixels")
                 large = pixels > LARGE_DECODE_PIXELS
                 with _LARGE_DECODE if large else contextlib.nullcontext():
                     image = open_rgb(source, reduce_to=2 * side, max_pixels=MAX_IMAGE_PIXELS)
         except ImageDecodeError as exc:
             raise PredictInputError(f"{name} is not a readable image ({exc.reason}).",
-                                    "Cannot read the image") from None
+                                    title="Cannot read the image") from None
         images.append((name, resize_shorter(image, side, interpolation)))
     return images
 

@@ -26,8 +26,9 @@ class QueueLimits:
         self._admitted: dict[tuple[str, str], list[float]] = {}  # (session, group) -> when requests were let in
         self._lock = threading.Lock()
 
-    def pending(self, session: str, group: str) -> int:
-        return sum(1 for s, g in self.events() if s == session and g == group)
+    def pending(self, session: str | None, group: str) -> int:
+        """Requests of ``session`` waiting or running in ``group`` now (0 without a session)."""
+        return sum(1 for s, g in self.events() if s == session and g == group) if session else 0
 
     def admit(self, session: str | None, group: str) -> bool:
         """Whether one more request of ``session`` may join ``group``; if so it is counted from now on."""

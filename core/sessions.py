@@ -89,10 +89,6 @@ def format_bytes(n: float) -> str:
 class SessionError(UserError):
     """A session cannot do what was asked (busy, cleaned up, nothing uploaded); the message says what to do."""
 
-    def __init__(self, message: str, title: str | None = None) -> None:
-        super().__init__(message)
-        self.title = title  # a short heading for the front end's error box
-
 
 def new_state() -> dict[str, Any]:
     """A fresh session state: plain values only (front ends deep-copy it); ``ensure_state`` adds the cancel flag."""

@@ -14,7 +14,15 @@ from collections.abc import Iterator
 
 
 class UserError(Exception):
-    """The input cannot be used as given; the message names the bad value and the fix."""
+    """The input cannot be used as given; the message names the bad value and the fix. ``title``: a short heading
+    for a front end's error box (a class may set its own; ``title=`` sets one for this error)."""
+
+    title: str | None = None
+
+    def __init__(self, *args: object, title: str | None = None) -> None:
+        super().__init__(*args)
+        if title is not None:
+            self.title = title
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError)
