@@ -35,6 +35,7 @@ from .data import Dataset
 from .device import resolve_device
 from .features import extract_all, make_feature_extractor, wait_for_warm_up
 from .metrics import classification_metrics, misclassified, verdict
+from .runtime.devices import GPU_PROVIDERS
 from .runtime.images import center_crop, open_rgb, resize_shorter
 
 ARMS = ("pretrained", "scratch")
@@ -207,9 +208,15 @@ def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages
     model.head.load_state_dict(best_state)
     model.freeze_backbone()
     return RunResult("pretrained", model.eval(), log.history, log.best["epoch"], train_seconds, val_prob, test_prob,
-                     extra={"feature_engine": extractor.engine, "feature_seconds": feature_seconds,
+                     extra={"feature_engine": extractor.engine, "device": _engine_device(extractor.engine),
+                            "feature_seconds": feature_seconds,
                             "feature_engine_setup_seconds": setup_seconds,
                             "features": {"train": feats[0].numpy(), "other": torch.cat(feats[len(views):]).numpy()}})
+
+
+def _engine_device(engine: str) -> str:
+    """Where a feature engine computes: "torch-cuda" and onnxruntime's GPU providers are "cuda", the rest "cpu"."""
+    return "cuda" if engine == "torch-cuda" or engine.removeprefix("onnxruntime-") in GPU_PROVIDERS else "cpu"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,6 +275,7 @@ def _train_network(arm: str, model: models.Classifier, groups: list[dict], weigh
     image_size = train.crops.shape[1]
     cuda = device.type == "cuda"
     model = model.to(device)
+    trained_on = next(model.parameters()).device.type  # recorded in the report: where the weights really trained
     preprocess = ImagePreprocess(model.spec.mean, model.spec.std).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
@@ -331,7 +339,7 @@ def _train_network(arm: str, model: models.Classifier, groups: list[dict], weigh
     test_prob = torch.softmax(predict(test.crops), 1).numpy() if test is not None else None
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     return RunResult(arm, model, log.history, log.best["epoch"], train_seconds, val_prob, test_prob,
-                     extra={"amp": str(amp_dtype).replace("torch.", "") if cuda else None})
+                     extra={"amp": str(amp_dtype).replace("torch.", "") if cuda else None, "device": trained_on})
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from core.cli import positive_int
+from core.runtime.devices import DEVICES
 from core.runtime.errors import USER_ERRORS
 from export.errors import ExportError
 
@@ -61,7 +62,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from export.bench import benchmark
 
     results = benchmark(args.model, batch_sizes=tuple(args.batch), repeats=args.repeats, run_dir=args.run,
-                        threads=args.threads, tuned_malloc=args.tuned_malloc)
+                        threads=args.threads, tuned_malloc=args.tuned_malloc, device=args.device,
+                        tensorrt=args.tensorrt)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
@@ -97,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuned-malloc", action="store_true",
                    help="keep freed memory in the process (glibc mallopt) so torch eager does not page-fault its "
                         "buffers in on every call: the like-for-like torch baseline")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="cpu (default), or cuda/auto: onnxruntime on its CUDA provider and torch eager on the GPU")
+    p.add_argument("--tensorrt", action="store_true",
+                   help="also time onnxruntime's TensorRT provider (builds and caches an engine; minutes)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_bench)
     return parser

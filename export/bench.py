@@ -17,9 +17,9 @@ try:
 except ImportError:  # pragma: no cover - Windows
     resource = None
 
-from core.runtime.devices import CPU
+from core.runtime.devices import CPU, GPU_PROVIDERS, TENSORRT
 from core.runtime.predictor import Predictor, read_model_info
-from core.runtime.providers import default_threads
+from core.runtime.providers import default_threads, tensorrt_problem
 from export.variants import OPTIONAL, VARIANTS, variant_path
 
 PAUSE_S = 0.2  # between engine blocks; see _time_rounds
@@ -86,34 +86,40 @@ def _ratio(samples: dict[str, list[list[float]]], slow: str, fast: str) -> dict[
 
 
 # One onnxruntime engine per model variant (export.variants): onnx_fp32, onnx_int8, onnx_fp16.
-ENGINES = ("torch", "torch_nchw", *(f"onnx_{name}" for name in VARIANTS))
+ENGINES = ("torch", "torch_nchw", *(f"onnx_{name}" for name in VARIANTS), "onnx_tensorrt")
 RATIOS = (  # name, slower engine, faster engine
     ("onnx_fp32_vs_torch", "torch", "onnx_fp32"),
     ("onnx_fp32_vs_torch_nchw", "torch_nchw", "onnx_fp32"),
     *((f"onnx_{name}_vs_fp32", "onnx_fp32", f"onnx_{name}") for name in OPTIONAL),
     *((f"onnx_{name}_vs_torch", "torch", f"onnx_{name}") for name in OPTIONAL),
+    ("onnx_tensorrt_vs_fp32", "onnx_fp32", "onnx_tensorrt"),
+    ("onnx_tensorrt_vs_torch", "torch", "onnx_tensorrt"),
 )
 
 
-def _torch_runner(torch_model: Any, threads: int
+def _torch_runner(torch_model: Any, threads: int, device: str = "cpu"
                   ) -> tuple[Callable[[np.ndarray], object], Callable[[np.ndarray], object], Callable[[], None]]:
+    """Eager calls of the exported network on ``device`` ("cpu" or "cuda"): numpy uint8 in, probabilities back in
+    host memory, as onnxruntime's ``predict_arrays`` returns them (so a GPU call includes both copies)."""
     import torch
 
     from export.verify import torch_reference
 
-    module = torch_reference(torch_model).to("cpu").eval()
+    module = torch_reference(torch_model).to(device).eval()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
 
     def run(batch: np.ndarray) -> object:
         with torch.inference_mode():
-            return module(torch.from_numpy(batch))
+            out = module(torch.from_numpy(batch).to(device))
+            return tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()
 
     def run_nchw(batch: np.ndarray) -> object:
         # The conventional eager call: a contiguous NCHW float batch. The uint8 NHWC path above hands the
         # network channels-last strides (from the permute), which torch's CPU kernels run markedly faster.
         with torch.inference_mode():
-            return torch.softmax(module.classifier(module.preprocess(torch.from_numpy(batch)).contiguous()), 1)
+            x = module.preprocess(torch.from_numpy(batch).to(device)).contiguous()
+            return torch.softmax(module.classifier(x), 1).cpu()
 
     return run, run_nchw, lambda: torch.set_num_threads(previous)
 
@@ -121,7 +127,7 @@ def _torch_runner(torch_model: Any, threads: int
 def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] = (1, 16), repeats: int = 20,
               warmup: int = 3, rounds: int = 5, torch_model: Any = None, run_dir: str | os.PathLike[str] | None = None,
               threads: int | None = None, device: str = "cpu", tuned_malloc: bool = False,
-              print_table: bool = True) -> dict[str, Any]:
+              tensorrt: bool = False, print_table: bool = True) -> dict[str, Any]:
     """Median latency (ms) and throughput (images/s) per engine and batch size, and the speed-up ratios.
 
     Engines: ``torch`` (eager, CPU, the exported classifier's uint8 NHWC input; from ``torch_model`` or rebuilt
@@ -130,6 +136,9 @@ def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] 
     get the same uint8 inputs and thread count. Without ``run_dir``, the model's own folder is used when it is a
     run folder (it holds ``report.json``). Each ratio comes with its range over ``rounds`` alternating rounds.
     ``tuned_malloc`` calls ``keep_freed_memory`` first, for a like-for-like torch baseline (see ``allocator_note``).
+    ``device="cuda"``: torch eager runs on the GPU too, and onnxruntime on its CUDA provider (IO binding, outputs
+    copied back to the host). ``tensorrt``: adds ``onnx_tensorrt`` (FP32 model, TensorRT provider, engines cached
+    in the lab cache) when it starts, else says why in ``tensorrt_skipped``.
     """
     model_path = Path(model_path)
     tuned = keep_freed_memory() if tuned_malloc else False
@@ -147,16 +156,24 @@ def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] 
             torch_note = f"PyTorch model not rebuilt: {exc}"
     engines: dict[str, Callable[[np.ndarray], object]] = {}
     restore = None
-    if torch_model is not None:
-        engines["torch"], engines["torch_nchw"], restore = _torch_runner(torch_model, threads)
     # onnxruntime with its default busy-waiting worker threads, as torch's OpenMP threads do (see create_session).
     fp32 = Predictor(model_path, device=device, intra_op_threads=threads, spin=True)
+    torch_device = "cuda" if fp32.provider in GPU_PROVIDERS else "cpu"  # torch where onnxruntime runs
+    if torch_model is not None:
+        engines["torch"], engines["torch_nchw"], restore = _torch_runner(torch_model, threads, torch_device)
     engines["onnx_fp32"] = fp32.predict_arrays
     for name in OPTIONAL:  # the variants built beside the model; GPU-only ones only where the model runs on a GPU
         path = variant_path(model_path, name)
         if path.exists() and (fp32.provider != CPU or not VARIANTS[name].needs_cuda):
             engines[f"onnx_{name}"] = Predictor(path, device=device, intra_op_threads=threads,
                                                 spin=True).predict_arrays
+    trt_note = None
+    if tensorrt:
+        trt = Predictor(model_path, device=device, intra_op_threads=threads, spin=True, tensorrt=True)
+        if trt.provider == TENSORRT:
+            engines["onnx_tensorrt"] = trt.predict_arrays
+        else:
+            trt_note = trt.fallback_warning or tensorrt_problem() or f"the session ran on {trt.provider}"
     rng = np.random.default_rng(0)
     results: dict[str, Any] = {"model": str(model_path), "image_size": info.image_size, "threads": threads,
                                "provider": fp32.provider, "repeats": repeats, "batches": {},
@@ -166,6 +183,10 @@ def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] 
                                "tuned_malloc": tuned}
     if torch_model is None:
         results["torch_skipped"] = torch_note
+    else:
+        results["torch_device"] = torch_device
+    if trt_note:
+        results["tensorrt_skipped"] = trt_note
     try:
         for batch_size in batch_sizes:
             batch = rng.integers(0, 256, (batch_size, info.image_size, info.image_size, 3), dtype=np.uint8)
@@ -213,6 +234,10 @@ def format_table(results: dict[str, Any]) -> str:
              f"{'batch':>5}  {'engine':<11} {'ms':>9} {'images/s':>10} {'kernel %':>9} {'faults/call':>12}"]
     if results.get("torch_skipped"):
         lines.insert(1, f"torch eager skipped: {results['torch_skipped']}")
+    elif results.get("torch_device", "cpu") != "cpu":
+        lines.insert(1, f"torch eager on {results['torch_device']}")
+    if results.get("tensorrt_skipped"):
+        lines.insert(1, f"TensorRT skipped: {results['tensorrt_skipped']}")
     if results.get("malloc_env") or results.get("tuned_malloc"):
         settings = [f"{k}={v}" for k, v in results.get("malloc_env", {}).items()]
         settings += ["mallopt: no mmap, no trim"] if results.get("tuned_malloc") else []

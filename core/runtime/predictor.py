@@ -90,14 +90,14 @@ class _Runner:
     output_name: str
 
     def __init__(self, path: Path, device: str, intra_op_threads: int | None, io_binding: bool | None,
-                 batch_size: int, spin: bool = False, time_limit: float | None = None):
+                 batch_size: int, spin: bool = False, time_limit: float | None = None, tensorrt: bool | None = None):
         if time_limit is not None and not time_limit > 0:
             raise ValueError(f"time_limit must be a number of seconds > 0 or None, got {time_limit!r}.")
         self.time_limit = time_limit
         self.model_path = path
         self.device = device
         self._session, self.fallback_warning = create_session(path, device, intra_op_threads=intra_op_threads,
-                                                              spin=spin)
+                                                              spin=spin, tensorrt=tensorrt)
         self.providers = self._session.get_providers()
         self.provider = self.providers[0]
         self._on_gpu = self.provider in GPU_PROVIDERS
@@ -164,12 +164,13 @@ class Predictor(_Runner):
 
     def __init__(self, model_path: str | os.PathLike[str], *, device: str = "auto",
                  intra_op_threads: int | None = None, io_binding: bool | None = None, batch_size: int = 32,
-                 spin: bool = False, time_limit: float | None = None):
-        """``time_limit``: seconds one ``predict``/``predict_arrays`` call may run (all its batches together);
+                 spin: bool = False, time_limit: float | None = None, tensorrt: bool | None = None):
+        """``tensorrt``: try onnxruntime's TensorRT provider first (None: only with ``TRANSFER_LAB_TENSORRT=1``).
+        ``time_limit``: seconds one ``predict``/``predict_arrays`` call may run (all its batches together);
         onnxruntime stops a longer one between two operators and ``ModelTimeLimitError`` is raised. None (the
         default): no limit. For models that visitors upload (after ``check_model_file``)."""
         path = Path(model_path)
-        super().__init__(path, device, intra_op_threads, io_binding, batch_size, spin, time_limit)
+        super().__init__(path, device, intra_op_threads, io_binding, batch_size, spin, time_limit, tensorrt)
         self.info = parse_metadata(self._session.get_modelmeta().custom_metadata_map, path)
         if self.info.kind != "classifier":
             raise bad_model(path, f"this is a {self.info.kind!r} model (a feature extractor), not a classifier; "

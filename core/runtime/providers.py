@@ -3,6 +3,7 @@ many threads it uses, and the session that results, always saying which provider
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
@@ -19,6 +20,8 @@ from core.runtime.files import cache_dir
 log = logging.getLogger(__name__)
 
 TENSORRT_ENV = "TRANSFER_LAB_TENSORRT"
+# The TensorRT runtime onnxruntime-gpu's TensorRT provider links against (its NEEDED entries): TensorRT 10.
+TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvonnxparser.so.10")
 MAX_DEFAULT_THREADS = 8
 CPUINFO = "/proc/cpuinfo"  # read by default_threads (a module constant so tests can point it at their own text)
 
@@ -70,6 +73,23 @@ def select_providers(available: Sequence[str], device: str = "auto", *, tensorrt
     return chosen
 
 
+
+
+def tensorrt_problem() -> str | None:
+    """Why onnxruntime's TensorRT provider cannot start on this machine, in words with the fix; None when it can
+    (the provider is listed and the TensorRT libraries it links against load)."""
+    if TENSORRT not in ort.get_available_providers():
+        return ("this onnxruntime build has no TensorrtExecutionProvider; install onnxruntime-gpu (Linux or Windows "
+                "x86_64) instead of onnxruntime")
+    _preload_gpu_libraries()
+    for name in TENSORRT_LIBRARIES:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            return (f"the TensorRT runtime is not installed ({name} cannot be loaded); install TensorRT 10 for "
+                    "the CUDA version of your onnxruntime-gpu (for example `pip install tensorrt-cu13` and its "
+                    f"tensorrt_libs folder on LD_LIBRARY_PATH), or leave {TENSORRT_ENV} unset to run on CUDA")
+    return None
 
 
 def physical_cores(cpuinfo: str, logical: int) -> int:
@@ -138,8 +158,11 @@ def usable_providers(available: Sequence[str], device: str, gpu_visible: bool) -
     return list(available)
 
 
-def _fallback_message(device: str, available: Sequence[str], provider: str) -> str | None:
+def _fallback_message(device: str, available: Sequence[str], provider: str, wanted: Sequence[str] = ()) -> str | None:
     if provider != CPU:
+        if TENSORRT in wanted and provider != TENSORRT:
+            why = tensorrt_problem() or "onnxruntime could not start TensorrtExecutionProvider (its log above says why)"
+            return f"TensorRT was asked for but the ONNX session is running on {provider}: {why}."
         return None
     if device == "cuda" and CUDA not in available:
         return ("CUDA was requested but this onnxruntime build has no CUDAExecutionProvider "
@@ -154,19 +177,20 @@ def _fallback_message(device: str, available: Sequence[str], provider: str) -> s
 
 
 def create_session(path: Path, device: str = "auto", *, intra_op_threads: int | None = None,
-                   spin: bool = False) -> tuple[ort.InferenceSession, str | None]:
+                   spin: bool = False, tensorrt: bool | None = None) -> tuple[ort.InferenceSession, str | None]:
     """An InferenceSession on the best allowed provider, and a fallback warning when the GPU was not used.
 
     ``spin``: idle worker threads busy-wait between operators (onnxruntime's own default, and what torch's
     OpenMP threads do) instead of sleeping. That saves a thread wake-up per operator, which shows at batch 1, but
     the spinning threads take their cores away from everything else, so it is off unless the session has the
     machine to itself (the benchmark). The app trains with torch and serves other sessions in this process.
+    ``tensorrt``: try TensorRT first (None: only with ``TRANSFER_LAB_TENSORRT=1``).
     """
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}.")
     check_model_path(path)
     available = usable_providers(ort.get_available_providers(), device, nvidia_gpu_visible())
-    providers = select_providers(available, device)
+    providers = select_providers(available, device, tensorrt=tensorrt)
     if any(p in GPU_PROVIDERS for p in providers):
         _preload_gpu_libraries()
     options = ort.SessionOptions()
@@ -177,7 +201,7 @@ def create_session(path: Path, device: str = "auto", *, intra_op_threads: int | 
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     session = open_session(path, [_provider_options(p) for p in providers], options)
-    message = _fallback_message(device, available, session.get_providers()[0])
+    message = _fallback_message(device, available, session.get_providers()[0], providers)
     if message:
         log.warning(message)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
