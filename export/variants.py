@@ -22,6 +22,7 @@ import onnxruntime as ort
 from core.runtime.devices import CPU, CUDA
 from core.runtime.files import temp_path
 from core.runtime.predictor import read_model_info
+from core.runtime.providers import preload_gpu_libraries
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def cuda_usable() -> bool:
     """True when onnxruntime can actually run a session on CUDA (not just list the provider)."""
     if CUDA not in ort.get_available_providers():
         return False
+    preload_gpu_libraries()  # as create_session does: pip's CUDA/cuDNN wheels are not on the loader's path
     from onnx import TensorProto, helper
 
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",

@@ -93,7 +93,11 @@ def test_exported_model_runs_on_the_cuda_provider_and_matches_cpu(cuda_run, val_
     assert gpu.provider == CUDA, gpu.fallback_warning
     assert gpu.fallback_warning is None
     cpu = Predictor(cuda_run / "model.onnx", device="cpu")
-    np.testing.assert_allclose(gpu.predict_arrays(images), cpu.predict_arrays(images), atol=1e-3)
+    on_gpu, on_cpu = gpu.predict_arrays(images), cpu.predict_arrays(images)
+    # onnxruntime's CUDA provider runs FP32 convolutions and matrix products in TF32 on Ampere and later (its
+    # default, use_tf32=1): probabilities differ from the CPU's in the third decimal, the predicted class does not.
+    np.testing.assert_allclose(on_gpu, on_cpu, atol=5e-3)
+    assert (on_gpu.argmax(1) == on_cpu.argmax(1)).all()
     assert gpu.predict([images[0]])[0]["provider"] == CUDA
 
 

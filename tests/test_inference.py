@@ -179,7 +179,7 @@ def gpu_machine(monkeypatch) -> list[list]:
     each test also sees what Predictor reports when the GPU did not start."""
     monkeypatch.setattr(providers.ort, "get_available_providers", lambda: [TENSORRT, CUDA, CPU])
     monkeypatch.setattr(providers, "nvidia_gpu_visible", lambda: True)
-    monkeypatch.setattr(providers, "_preload_gpu_libraries", lambda: None)
+    monkeypatch.setattr(providers, "preload_gpu_libraries", lambda: None)
     monkeypatch.delenv("TRANSFER_LAB_TENSORRT", raising=False)
     requested: list[list] = []
     open_session = providers.open_session

@@ -81,7 +81,7 @@ def tensorrt_problem() -> str | None:
     if TENSORRT not in ort.get_available_providers():
         return ("this onnxruntime build has no TensorrtExecutionProvider; install onnxruntime-gpu (Linux or Windows "
                 "x86_64) instead of onnxruntime")
-    _preload_gpu_libraries()
+    preload_gpu_libraries()
     for name in TENSORRT_LIBRARIES:
         try:
             ctypes.CDLL(name)
@@ -127,7 +127,7 @@ def _provider_options(name: str) -> str | tuple[str, dict]:
     return name, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir() / "tensorrt")}
 
 
-def _preload_gpu_libraries() -> None:
+def preload_gpu_libraries() -> None:
     """Let onnxruntime find the CUDA/cuDNN libraries shipped in pip wheels (no-op where unsupported)."""
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:
@@ -192,7 +192,7 @@ def create_session(path: Path, device: str = "auto", *, intra_op_threads: int | 
     available = usable_providers(ort.get_available_providers(), device, nvidia_gpu_visible())
     providers = select_providers(available, device, tensorrt=tensorrt)
     if any(p in GPU_PROVIDERS for p in providers):
-        _preload_gpu_libraries()
+        preload_gpu_libraries()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     threads = default_threads() if intra_op_threads is None else int(intra_op_threads)
