@@ -22,7 +22,7 @@ import onnxruntime as ort
 from core.runtime.devices import CPU, CUDA
 from core.runtime.files import temp_path
 from core.runtime.predictor import read_model_info
-from core.runtime.providers import preload_gpu_libraries
+from core.runtime.providers import nvidia_gpu_visible, preload_gpu_libraries
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def variant_path(fp32_path: str | os.PathLike[str], variant: str) -> Path:
 
 def cuda_usable() -> bool:
     """True when onnxruntime can actually run a session on CUDA (not just list the provider)."""
-    if CUDA not in ort.get_available_providers():
+    if CUDA not in ort.get_available_providers() or not nvidia_gpu_visible():
         return False
     preload_gpu_libraries()  # as create_session does: pip's CUDA/cuDNN wheels are not on the loader's path
     from onnx import TensorProto, helper
