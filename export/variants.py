@@ -81,19 +81,24 @@ def cuda_usable() -> bool:
     if CUDA not in ort.get_available_providers() or not nvidia_gpu_visible():
         return False
     preload_gpu_libraries()  # as create_session does: pip's CUDA/cuDNN wheels are not on the loader's path
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the probe's own failure is expected on CPU-only machines
+    try:
+        session = ort.InferenceSession(probe_model(), options, providers=[CUDA, CPU])
+    except Exception:
+        return False
+    return session.get_providers()[0] == CUDA
+
+
+def probe_model() -> bytes:
+    """The smallest model (one Identity), serialized, for asking onnxruntime whether a provider starts. Its IR
+    version is pinned: onnx's helper writes its own newest one, which a released onnxruntime may not read yet."""
     from onnx import TensorProto, helper
 
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # the probe's own failure is expected on CPU-only machines
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=[CUDA, CPU])
-    except Exception:
-        return False
-    return session.get_providers()[0] == CUDA
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8).SerializeToString()
 
 
 def default_variants() -> tuple[str, ...]:

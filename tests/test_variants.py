@@ -115,3 +115,15 @@ def test_build_variants_refuses_what_it_cannot_build(tmp_path, names, message):
     with pytest.raises(ValueError, match=message):
         build_variants(path, images, images, [0, 0], variants=names)
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_cuda_probe_model_loads_in_this_onnxruntime():
+    # cuda_usable() asks onnxruntime to open this model on CUDA; if onnxruntime cannot read it at all (a newer IR
+    # version than it supports), every GPU machine is told CUDA is unusable and no FP16 variant is ever built.
+    import onnxruntime as ort
+
+    from export.variants import probe_model
+
+    session = ort.InferenceSession(probe_model(), providers=["CPUExecutionProvider"])
+    x = np.array([1.5], dtype=np.float32)
+    assert session.run(None, {"x": x})[0] == x
