@@ -142,6 +142,11 @@ class TrainConfig:
     target_accuracy: float = _number(0.85, gt=0, le=1)
     # Seeds the split and both arms' training: the same seed gives the same run.
     seed: int = _int(0, 0, 2**32 - 1)
+    # Share of each class's training images held out to choose the epoch that is kept (and exported), so the
+    # validation split that is reported never chooses anything. 0.15 leaves 85% to train on and still gives 6+
+    # images per class at 40 per class; a class with fewer than 3 training images means no hold-out, and the
+    # last epoch is kept. 0: always the last epoch.
+    selection_fraction: float = _number(0.15, ge=0, lt=0.5)
     # "auto": CUDA when usable, else CPU; resolved once per run and reported.
     device: str = _choice("auto", DEVICES)
     # Small enough for a 2-core CPU and few hundred images; large enough for stable BatchNorm statistics.

@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import zlib
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,15 +85,18 @@ class Dataset:
         except ValueError:
             return path.as_posix()
 
-    def write_manifest(self, path: str | os.PathLike[str]) -> None:
-        """Write ``file,class,split,sha256`` CSV (files relative to root), atomically."""
+    def write_manifest(self, path: str | os.PathLike[str], selection: Iterable[str] = ()) -> None:
+        """Write ``file,class,split,sha256`` CSV (files relative to root), atomically. Training images in
+        ``selection`` (paths as in ``Item.path``) are listed with split ``selection``: held out to choose the epoch."""
+        held_out = {str(f) for f in selection}
 
         def produce(tmp: Path) -> None:
             with open(tmp, "w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f)
                 writer.writerow(["file", "class", "split", "sha256"])
                 for it in self.items:
-                    writer.writerow([self.relpath(it), self.classes[it.label], it.split, it.sha256])
+                    split = "selection" if it.split == "train" and str(it.path) in held_out else it.split
+                    writer.writerow([self.relpath(it), self.classes[it.label], split, it.sha256])
 
         atomic_write(path, produce)
 

@@ -51,7 +51,7 @@ def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool
         for key in ("export", "export_scratch"):  # from an earlier write of this result: not true of this folder
             report.pop(key, None)
         runs = report["runs"]
-        result.dataset.write_manifest(staging / MANIFEST)
+        result.dataset.write_manifest(staging / MANIFEST, result.selection_files)
         plots.save(plots.learning_curves(runs, report["target_accuracy"]), staging / LEARNING_CURVES)
         plots.save(plots.confusion_matrices(runs, report["dataset"]["classes"]), staging / CONFUSION)
         for arm, run in result.runs.items():

@@ -78,8 +78,10 @@ def comparison_rows(report: dict) -> list[tuple[str, dict[str, str]]]:
     ]
     rows = [("layers trained", {arm: trained_layers(arm, run) for arm, run in runs.items()})]
     rows += [(label, {arm: fmt(run, key) for arm, run in runs.items()}) for label, key, fmt in metrics]
+    if all("test" in run for run in runs.values()):  # the test split: scored once, at the epoch kept
+        rows[2:2] = [("test accuracy", {arm: pct_ci(run["test"], "val_accuracy") for arm, run in runs.items()})]
     rows.append(("speed-up to target", {arm: speedup_cell(report, arm) for arm in runs}))
-    rows.append(("best epoch / epochs run",
+    rows.append(("epoch kept / epochs run",
                  {arm: f"{r.get('best_epoch')} / {r.get('epochs_run', len(r.get('history', [])))}"
                   for arm, r in runs.items()}))
     rows.append(("verdict", {arm: r["verdict"]["label"] for arm, r in runs.items()}))
@@ -89,8 +91,24 @@ def comparison_rows(report: dict) -> list[tuple[str, dict[str, str]]]:
 def speedup_text(report: dict) -> str:
     """How much sooner the pretrained arm reached the target (or which arm did, or neither), then whether the
     arms' accuracies really differ (``comparison_text``) as a second paragraph."""
-    paired = comparison_text(report)
-    return _speedup_sentence(report) + (f"\n\n{paired}" if paired else "")
+    paragraphs = [_speedup_sentence(report), comparison_text(report), selection_text(report)]
+    return "\n\n".join(p for p in paragraphs if p)
+
+
+def selection_text(report: dict) -> str:
+    """Which images chose the epoch kept and which were scored, in one plain sentence; "" for older reports."""
+    sel = report.get("selection")
+    if not sel:
+        return ""
+    scored = sel.get("scored_on", {})
+    where = " and ".join(f"{int(n)} {'validation' if split == 'val' else 'test'} images" for split, n in scored.items())
+    if sel.get("chosen_on") == "selection":
+        return (f"Each arm keeps the epoch that scored best on {int(sel['images'])} training images held out for "
+                f"that ({sel['fraction']:.0%} of each class, not trained on); the scores above are on the {where}, "
+                "which chose nothing.")
+    why = ("no training images were held out to choose one" if sel.get("fraction", 0) <= 0
+           else "a class has too few training images to hold any out")
+    return f"Each arm keeps its last epoch ({why}); the scores above are on the {where}."
 
 
 def comparison_text(report: dict) -> str:
@@ -191,8 +209,7 @@ def summary_text(report: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(_speedup_sentence(report).replace("**", "").removeprefix("⚡ "))
-    if paired := comparison_text(report):
-        lines.append(paired)
+    lines += [text for text in (comparison_text(report), selection_text(report)) if text]
     lines += [f"{arm} verdict: {r['verdict']['label']} ({'; '.join(r['verdict']['reasons'])})"
               for arm, r in runs.items()]
     lines += [f"WARNING {title}: {message}" for title, flagged, message in diagnostic_items(report) if flagged]

@@ -108,9 +108,36 @@ def _seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def selection_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray | None:
+    """Training images held out to choose the epoch that is kept: ``fraction`` of each class (at least one), drawn
+    with ``seed``. None (no hold-out: the last epoch is kept) when ``fraction`` is 0 or a class has fewer than 3
+    training images, which cannot spare one."""
+    classes = np.unique(labels)
+    if fraction <= 0 or any(np.sum(labels == c) < 3 for c in classes):
+        return None
+    rng = np.random.default_rng([seed, 0x5E1EC7])  # its own stream: the split's and training's draws are unchanged
+    chosen = [rng.choice(np.flatnonzero(labels == c), max(1, round(fraction * np.sum(labels == c))), replace=False)
+              for c in classes]
+    return np.sort(np.concatenate(chosen))
+
+
+def _index(p: PreparedImages, idx: np.ndarray) -> PreparedImages:
+    return PreparedImages([p.resized[i] for i in idx], p.crops[idx], p.labels[idx], [p.files[i] for i in idx],
+                          [p.hashes[i] for i in idx])
+
+
+def _without(n: int, idx: np.ndarray | None) -> np.ndarray:
+    keep = np.ones(n, dtype=bool)
+    if idx is not None:
+        keep[idx] = False
+    return keep
+
+
 class _EpochLog:
-    """What both arms do after every epoch: record it, keep the best epoch's weights (highest validation accuracy,
-    then lowest validation loss), tell the callbacks, and say whether the time budget is spent."""
+    """What both arms do after every epoch: record it, keep the chosen epoch's weights, tell the callbacks, and say
+    whether the time budget is spent. The epoch kept has the highest accuracy (then lowest loss) on the selection
+    images held out from training; without them, it is the last epoch. The validation split is recorded for the
+    learning curves and reported, and never chooses."""
 
     def __init__(self, arm: str, cfg: TrainConfig, callbacks: Callbacks, start: float):
         self.arm, self.cfg, self.callbacks, self.start = arm, cfg, callbacks, start
@@ -119,11 +146,15 @@ class _EpochLog:
         self.best_state: dict | None = None
 
     def end_epoch(self, epoch: int, train_loss: float, train_accuracy: float, val_loss: float, val_accuracy: float,
-                  state: Callable[[], dict]) -> bool:
+                  state: Callable[[], dict], selection: tuple[float, float] | None = None) -> bool:
+        """``selection``: (loss, accuracy) on the held-out selection images, or None when there are none."""
         record = {"epoch": epoch, "seconds": time.perf_counter() - self.start, "train_loss": train_loss,
                   "train_accuracy": train_accuracy, "val_loss": val_loss, "val_accuracy": val_accuracy}
+        if selection is not None:
+            record.update(selection_loss=selection[0], selection_accuracy=selection[1])
         self.history.append(record)
-        if self.best is None or ((val_accuracy, -val_loss) > (self.best["val_accuracy"], -self.best["val_loss"])):
+        if selection is None or self.best is None or (
+                (selection[1], -selection[0]) > (self.best["selection_accuracy"], -self.best["selection_loss"])):
             self.best, self.best_state = record, state()
         if self.callbacks.epoch is not None:
             self.callbacks.epoch(self.arm, record)
@@ -139,7 +170,9 @@ def _evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float,
 # ----------------------------------------------------------------------------------------------------------
 
 def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages, val: PreparedImages,
-                     test: PreparedImages | None, device: torch.device, callbacks: Callbacks) -> RunResult:
+                     test: PreparedImages | None, device: torch.device, callbacks: Callbacks,
+                     selection: np.ndarray | None = None) -> RunResult:
+    """``selection``: indices into ``train`` held out to choose the epoch (see ``selection_indices``)."""
     image_size = train.crops.shape[1]
     # The feature engine is built once per machine, backbone and size (an ONNX export, cached on disk, like
     # downloaded weights): its setup time is reported on its own, not as training time.
@@ -158,8 +191,11 @@ def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages
             callbacks.report("features", (base + n) / total, f"pretrained features {base + n}/{total} images")
         feats.append(torch.from_numpy(extract_all(extractor, block, batch_size=cfg.batch_size, on_batch=on_batch)))
         done += len(block)
-    x_train = torch.cat(feats[: len(views)])
-    y_train = torch.from_numpy(np.concatenate([train.labels] * len(views)))
+    fit = torch.from_numpy(_without(len(train.labels), selection))
+    x_train = torch.cat([f[fit] for f in feats[: len(views)]])
+    y_train = torch.from_numpy(np.concatenate([train.labels[fit.numpy()]] * len(views)))
+    if selection is not None:
+        x_sel, y_sel = feats[0][torch.from_numpy(selection)], torch.from_numpy(train.labels[selection])
     x_val, y_val = feats[len(views)], torch.from_numpy(val.labels)
     x_test = feats[len(views) + 1] if test is not None else None
     feature_seconds = time.perf_counter() - start
@@ -189,9 +225,10 @@ def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages
         head.eval()
         with torch.no_grad():
             val_loss, val_acc = _evaluate_logits(head(x_val), y_val)
+            chosen_on = _evaluate_logits(head(x_sel), y_sel) if selection is not None else None
         # log / stop
         out_of_time = log.end_epoch(epoch, loss_sum / len(perm), correct / len(perm), val_loss, val_acc,
-                                    state=lambda: copy.deepcopy(head.state_dict()))
+                                    state=lambda: copy.deepcopy(head.state_dict()), selection=chosen_on)
         callbacks.report("pretrained", epoch / cfg.epochs,
                          f"pretrained epoch {epoch}/{cfg.epochs}: val acc {val_acc:.1%}")
         if out_of_time:
@@ -240,17 +277,19 @@ def _track_batchnorm_faster(module: torch.nn.Module) -> None:
 
 
 def train_from_scratch(cfg: TrainConfig, classes: list[str], train: PreparedImages, val: PreparedImages,
-                       test: PreparedImages | None, device: torch.device, callbacks: Callbacks) -> RunResult:
+                       test: PreparedImages | None, device: torch.device, callbacks: Callbacks,
+                       selection: np.ndarray | None = None) -> RunResult:
     gen = _seed_everything(cfg.seed)
     model = models.build_classifier(cfg.backbone, len(classes), pretrained=False)
     _track_batchnorm_faster(model)
     groups = [{"params": list(model.parameters()), "lr": cfg.scratch_lr}]
     return _train_network("scratch", model, groups, cfg.scratch_weight_decay, cfg, train, val, test, device,
-                          callbacks, gen)
+                          callbacks, gen, selection)
 
 
 def train_finetune(cfg: TrainConfig, classes: list[str], train: PreparedImages, val: PreparedImages,
-                   test: PreparedImages | None, device: torch.device, callbacks: Callbacks) -> RunResult:
+                   test: PreparedImages | None, device: torch.device, callbacks: Callbacks,
+                   selection: np.ndarray | None = None) -> RunResult:
     """The pretrained arm with the backbone's last ``cfg.unfreeze_blocks`` blocks trained along with the head."""
     gen = _seed_everything(cfg.seed)
     model = models.build_classifier(cfg.backbone, len(classes), pretrained=True)
@@ -260,7 +299,7 @@ def train_finetune(cfg: TrainConfig, classes: list[str], train: PreparedImages, 
     groups = [{"params": [p for b in blocks for p in b.parameters()], "lr": cfg.backbone_lr},
               {"params": list(model.head.parameters()), "lr": cfg.head_lr}]
     result = _train_network("pretrained", model, groups, cfg.head_weight_decay, cfg, train, val, test, device,
-                            callbacks, gen)
+                            callbacks, gen, selection)
     result.extra.update(unfrozen_blocks=cfg.unfreeze_blocks, backbone_blocks=len(model.blocks()),
                         trainable_parameters=sum(p.numel() for g in groups for p in g["params"]))
     return result
@@ -268,10 +307,15 @@ def train_finetune(cfg: TrainConfig, classes: list[str], train: PreparedImages, 
 
 def _train_network(arm: str, model: models.Classifier, groups: list[dict], weight_decay: float, cfg: TrainConfig,
                    train: PreparedImages, val: PreparedImages, test: PreparedImages | None, device: torch.device,
-                   callbacks: Callbacks, gen: torch.Generator) -> RunResult:
+                   callbacks: Callbacks, gen: torch.Generator, selection: np.ndarray | None = None) -> RunResult:
     """Train ``model``'s parameters in ``groups`` (each with its peak ``lr``) with AdamW and a one-cycle schedule
-    on augmented images; AMP and channels_last on CUDA. The best epoch's weights are kept."""
+    on augmented images; AMP and channels_last on CUDA. The training images at ``selection`` are held out and
+    choose the epoch whose weights are kept."""
     start = time.perf_counter()
+    held_out = None
+    if selection is not None:
+        held_out = _index(train, selection)
+        train = _index(train, np.flatnonzero(_without(len(train.labels), selection)))
     image_size = train.crops.shape[1]
     cuda = device.type == "cuda"
     model = model.to(device)
@@ -328,9 +372,12 @@ def _train_network(arm: str, model: models.Classifier, groups: list[dict], weigh
                              f"{arm} epoch {epoch}/{cfg.epochs}, batch {step + 1}/{steps_per_epoch}")
         # evaluate
         val_loss, val_acc = _evaluate_logits(predict(val.crops), y_val)
+        chosen_on = (_evaluate_logits(predict(held_out.crops), torch.from_numpy(held_out.labels))
+                     if held_out is not None else None)
         # log / stop
         if log.end_epoch(epoch, loss_sum / len(perm), correct / len(perm), val_loss, val_acc,
-                         state=lambda: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}):
+                         state=lambda: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                         selection=chosen_on):
             break
     train_seconds = time.perf_counter() - start
 
@@ -398,6 +445,7 @@ class CompareResult:
     val: PreparedImages
     test: PreparedImages | None
     dataset: Dataset
+    selection_files: list[str] = field(default_factory=list)  # training images held out to choose the epoch
 
 
 def run_compare(dataset: Dataset, cfg: TrainConfig | None = None, callbacks: Callbacks | None = None,
@@ -429,8 +477,9 @@ def run_compare(dataset: Dataset, cfg: TrainConfig | None = None, callbacks: Cal
     results: dict[str, RunResult] = {}
     trainers = {"pretrained": train_finetune if cfg.unfreeze_blocks else train_pretrained,
                 "scratch": train_from_scratch}
+    selection = selection_indices(train.labels, cfg.selection_fraction, cfg.seed)
     for arm in arms:
-        results[arm] = trainers[arm](cfg, classes, train, val, test, device, callbacks)
+        results[arm] = trainers[arm](cfg, classes, train, val, test, device, callbacks, selection)
 
     runs = {arm: summarize_run(r, classes, val, test, cfg.target_accuracy, seed=cfg.seed)
             for arm, r in results.items()}
@@ -451,11 +500,27 @@ def run_compare(dataset: Dataset, cfg: TrainConfig | None = None, callbacks: Cal
         "runs": runs,
         "speedup_time_to_target": speedup(runs["pretrained"], runs["scratch"]) if len(runs) == 2 else None,
         "intervals": stats.interval_method(cfg.seed),
+        "selection": _selection_summary(selection, cfg, train, val, test),
         "comparison": compare_arms(results, val) if len(results) == 2 else None,
         "diagnostics": _diagnostics(dataset, classes, train, val, test, results, runs),
     }
     callbacks.report("done", 1.0, "training finished")
-    return CompareResult(report, results, train, val, test, dataset)
+    held_out = [train.files[i] for i in selection] if selection is not None else []
+    return CompareResult(report, results, train, val, test, dataset, held_out)
+
+
+def _selection_summary(selection: np.ndarray | None, cfg: TrainConfig, train: PreparedImages, val: PreparedImages,
+                       test: PreparedImages | None) -> dict:
+    """Which images chose the epoch kept, and which were scored: never the same ones."""
+    scored = {"val": len(val.labels), **({"test": len(test.labels)} if test is not None else {})}
+    if selection is None:
+        why = ("--selection-fraction is 0" if cfg.selection_fraction <= 0
+               else "a class has fewer than 3 training images, too few to hold any out")
+        return {"chosen_on": "last epoch", "reason": why, "images": 0, "fraction": cfg.selection_fraction,
+                "scored_on": scored}
+    return {"chosen_on": "selection", "images": int(len(selection)), "from": "train",
+            "fraction": cfg.selection_fraction, "seed": cfg.seed, "trained_on": int(len(train.labels) - len(selection)),
+            "scored_on": scored}
 
 
 def compare_arms(results: dict[str, RunResult], val: PreparedImages) -> dict:

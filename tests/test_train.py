@@ -68,13 +68,51 @@ def test_report_has_the_documented_schema(tiny_result, tmp_path):
         assert run["verdict"]["label"] in {"good", "fair", "poor"} and run["verdict"]["reasons"]
         assert len(run["history"]) == 2
         assert set(run["history"][0]) == {"epoch", "seconds", "train_loss", "train_accuracy", "val_loss",
-                                          "val_accuracy"}
+                                          "val_accuracy", "selection_loss", "selection_accuracy"}
         assert np.sum(run["confusion_matrix"]) == sum(report["dataset"]["counts"]["val"].values())
     assert "speedup_time_to_target" in report
     assert set(report["diagnostics"]) == {"imbalance", "leakage", "overfitting"}
     assert set(report["diagnostics"]["overfitting"]) == {"pretrained", "scratch"}
     manifest = (tmp_path / "manifest.csv").read_text().splitlines()
     assert manifest[0] == "file,class,split,sha256" and len(manifest) == 31
+    # 8 training images per class: round(0.15 * 8) = 1 of each held out to choose the epoch, listed as such
+    assert report["selection"] == {"chosen_on": "selection", "images": 3, "from": "train", "fraction": 0.15,
+                                   "seed": 0, "trained_on": 21, "scored_on": {"val": 6}}
+    held_out = [row.split(",") for row in manifest[1:] if row.split(",")[2] == "selection"]
+    assert sorted(row[1] for row in held_out) == ["circle", "square", "triangle"]
+
+
+def test_the_epoch_kept_is_chosen_on_the_held_out_training_images_not_on_validation():
+    from core.train import _EpochLog
+
+    log = _EpochLog("scratch", TrainConfig(epochs=4), Callbacks(), start=0.0)
+    # validation peaks at epoch 2, the held-out selection images at epoch 3
+    for epoch, (val_acc, sel_acc) in enumerate([(0.5, 0.4), (0.9, 0.5), (0.6, 0.8), (0.7, 0.6)], start=1):
+        log.end_epoch(epoch, 1.0, 0.5, 1.0 - val_acc, val_acc, state=lambda e=epoch: {"epoch": e},
+                      selection=(1.0 - sel_acc, sel_acc))
+    assert log.best["epoch"] == 3 and log.best_state == {"epoch": 3}
+    without = _EpochLog("scratch", TrainConfig(epochs=4), Callbacks(), start=0.0)
+    for epoch, val_acc in enumerate([0.5, 0.9, 0.6, 0.7], start=1):
+        without.end_epoch(epoch, 1.0, 0.5, 1.0 - val_acc, val_acc, state=lambda e=epoch: {"epoch": e})
+    assert without.best["epoch"] == 4 and without.best_state == {"epoch": 4}  # no hold-out: the last epoch
+
+
+def test_selection_indices_are_stratified_seeded_and_spare_tiny_classes():
+    from core.train import selection_indices
+
+    labels = np.array([0] * 20 + [1] * 40 + [2] * 7)
+    chosen = selection_indices(labels, 0.15, seed=3)
+    assert np.bincount(labels[chosen]).tolist() == [3, 6, 1]  # round(0.15 * n), at least one
+    assert np.array_equal(chosen, selection_indices(labels, 0.15, seed=3))
+    assert not np.array_equal(chosen, selection_indices(labels, 0.15, seed=4))
+    assert selection_indices(np.array([0, 0, 0, 1, 1]), 0.15, seed=0) is None  # class 1 cannot spare one
+    assert selection_indices(labels, 0.0, seed=0) is None
+
+
+def test_both_arms_keep_the_epoch_their_selection_images_liked_best(tiny_result):
+    for arm, run in tiny_result.report["runs"].items():
+        scores = [(h["selection_accuracy"], -h["selection_loss"]) for h in run["history"]]
+        assert run["best_epoch"] == 1 + scores.index(max(scores)), arm
 
 
 def test_report_json_names_no_server_path(tiny_result, tmp_path, _session_cache):
