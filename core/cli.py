@@ -181,6 +181,8 @@ def training_args_parser(*, omit: tuple[str, ...] = ()) -> argparse.ArgumentPars
         ("--device", "device", "auto (CUDA when present), cpu or cuda", None, None),
         ("--selection-fraction", "selection_fraction", "share of each class's training images held out to choose "
          "the epoch kept (never the reported split)", "F", None),
+        ("--repeats", "repeats", "train both arms K times (seeds, and random splits, vary) and report the mean and "
+         "spread", "K", None),
         ("--views", "views", "2 adds horizontally flipped training views for the pretrained head", None, None),
         ("--unfreeze", "unfreeze_blocks", "also fine-tune the last N blocks of the pretrained backbone, on augmented "
          "images (0: frozen backbone, features cached once; N > 0 trains like the scratch arm)", "N", None),

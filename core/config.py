@@ -147,6 +147,11 @@ class TrainConfig:
     # images per class at 40 per class; a class with fewer than 3 training images means no hold-out, and the
     # last epoch is kept. 0: always the last epoch.
     selection_fraction: float = _number(0.15, ge=0, lt=0.5)
+    # Train both arms this many times (seeds seed, seed+1, ...; a random split is redrawn each time) and report
+    # the mean and spread: one run on a few dozen validation images can be lucky. Repeats after the first reuse
+    # the decoded images and cached features, so the pretrained arm costs a head fit each; the scratch arm costs a
+    # full training (its budget applies to each repeat).
+    repeats: int = _int(1, 1, 20)
     # "auto": CUDA when usable, else CPU; resolved once per run and reported.
     device: str = _choice("auto", DEVICES)
     # Small enough for a 2-core CPU and few hundred images; large enough for stable BatchNorm statistics.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import os
@@ -57,6 +58,23 @@ class Dataset:
     items: list[Item]
     skipped: list[Skipped] = field(default_factory=list)
     predefined_split: bool = False
+    # The shares a random split was drawn with ({"val": 0.2, "test": 0.1}); empty when the folders fixed the split.
+    fractions: dict[str, float] = field(default_factory=dict)
+
+    def resplit(self, seed: int) -> Dataset:
+        """The same images under another random stratified split (drawn as ``load_dataset`` draws it, from
+        ``seed``); the dataset itself when its folders fixed the split. Images are not read again."""
+        if self.predefined_split or not self.fractions:
+            return self
+        by_class: dict[str, list[tuple[Path, str]]] = {c: [] for c in self.classes}
+        for it in self.items:
+            by_class[self.classes[it.label]].append((it.path, it.sha256))
+        assigned = _stratified_split(by_class, self.fractions, seed)
+        label = {c: i for i, c in enumerate(self.classes)}
+        items = [Item(path=path, label=label[cls], split=split, sha256=digest)
+                 for split in SPLITS for cls in self.classes
+                 for path, digest in sorted(assigned.get(split, {}).get(cls, []), key=lambda e: e[0].as_posix())]
+        return dataclasses.replace(self, items=items)
 
     def split(self, name: str) -> list[Item]:
         """Items of one split (``train``, ``val`` or ``test``)."""
@@ -378,6 +396,7 @@ def load_dataset(
 
     label = {c: i for i, c in enumerate(classes)}
     items: list[Item] = []
+    drawn: dict[str, float] = {}  # the shares of a split drawn at random from all images (see Dataset.resplit)
     if fixed:
         predefined = "val" in fixed
         for split in fixed:
@@ -425,6 +444,7 @@ def load_dataset(
                 raise _too_few(cls, have, need, f" in {cls}/", detail, bad_per_class[cls])
         fractions = {"val": val_fraction, **({"test": test_fraction} if test else {})}
         assigned = _stratified_split(good["all"], fractions, seed)
+        drawn = fractions
 
     for split in SPLITS:
         for cls in classes:
@@ -438,6 +458,7 @@ def load_dataset(
         items=items,
         skipped=skipped,
         predefined_split=predefined,
+        fractions=drawn,
     )
 
 

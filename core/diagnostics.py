@@ -154,7 +154,8 @@ def overfitting(history: list[dict], t: Thresholds = DEFAULT) -> dict:
                        f"{best_acc:.1%} to {last['val_accuracy']:.1%}")
     flagged = bool(reasons)
     message = (
-        "Overfitting: " + "; ".join(reasons) + ". The epoch kept is the one that did best on training images held out for choosing it; more data, augmentation or fewer epochs help."
+        "Overfitting: " + "; ".join(reasons) + ". The epoch kept is the one that did best on training images "
+        "held out for choosing it; more data, augmentation or fewer epochs help."
         if flagged
         else f"No sign of overfitting (train/validation accuracy gap {gap:.1%})."
     )

@@ -85,7 +85,28 @@ def comparison_rows(report: dict) -> list[tuple[str, dict[str, str]]]:
                  {arm: f"{r.get('best_epoch')} / {r.get('epochs_run', len(r.get('history', [])))}"
                   for arm, r in runs.items()}))
     rows.append(("verdict", {arm: r["verdict"]["label"] for arm, r in runs.items()}))
-    return rows
+    return rows + repeat_rows(report)
+
+
+def repeat_rows(report: dict) -> list[tuple[str, dict[str, str]]]:
+    """Rows for repeated runs (``report["repeats"]``): accuracy as mean ± SD (lowest–highest), how often each arm
+    met the target, and its time to target in each repeat; [] for a single run."""
+    rep = report.get("repeats")
+    if not rep:
+        return []
+    arms = rep["arms"]
+
+    def mean_sd(key: str) -> dict[str, str]:
+        return {arm: f"{a[key]['mean']:.1%} ± {a[key]['sd'] * 100:.1f} ({a[key]['min'] * 100:.1f}–"
+                     f"{a[key]['max'] * 100:.1f})" for arm, a in arms.items()}
+
+    k = rep["count"]
+    return [(f"validation accuracy over {k} repeats", mean_sd("val_accuracy")),
+            (f"balanced accuracy over {k} repeats", mean_sd("balanced_accuracy")),
+            (f"met the {rep['target_accuracy']:.0%} target", {arm: f"{round(a['met_target'] * k)} of {k}"
+                                                            for arm, a in arms.items()}),
+            ("time to target, each repeat", {arm: ", ".join(sec(t) for t in a["time_to_target_seconds"])
+                                             for arm, a in arms.items()})]
 
 
 def speedup_text(report: dict) -> str:

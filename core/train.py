@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import threading
 import time
@@ -72,11 +73,18 @@ class PreparedImages:
 
 
 def prepare_images(items, image_size: int, spec: models.BackboneSpec, *, callbacks: Callbacks | None = None,
-                   stage: str = "decode") -> PreparedImages:
+                   stage: str = "decode", memo: dict | None = None) -> PreparedImages:
+    """``memo``: decoded images kept between calls (repeats), by content hash and resize rule."""
     resize = spec.resize_for(image_size)
 
     def load(item) -> np.ndarray:
-        return np.array(resize_shorter(open_rgb(item.path), resize, spec.interpolation), dtype=np.uint8)
+        key = ("decoded", item.sha256, resize, spec.interpolation)
+        if memo is not None and key in memo:
+            return memo[key]
+        array = np.array(resize_shorter(open_rgb(item.path), resize, spec.interpolation), dtype=np.uint8)
+        if memo is not None:
+            memo[key] = array
+        return array
 
     resized: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=4) as pool:  # Pillow releases the GIL while decoding
@@ -171,8 +179,9 @@ def _evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float,
 
 def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages, val: PreparedImages,
                      test: PreparedImages | None, device: torch.device, callbacks: Callbacks,
-                     selection: np.ndarray | None = None) -> RunResult:
-    """``selection``: indices into ``train`` held out to choose the epoch (see ``selection_indices``)."""
+                     selection: np.ndarray | None = None, memo: dict | None = None) -> RunResult:
+    """``selection``: indices into ``train`` held out to choose the epoch (see ``selection_indices``). ``memo``:
+    features kept between calls (repeats), by backbone, size, view and content hash."""
     image_size = train.crops.shape[1]
     # The feature engine is built once per machine, backbone and size (an ONNX export, cached on disk, like
     # downloaded weights): its setup time is reported on its own, not as training time.
@@ -185,11 +194,21 @@ def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages
     views = [train.crops] + ([train.crops[:, :, ::-1]] if cfg.views == 2 else [])
     blocks = views + [val.crops] + ([test.crops] if test is not None else [])
     total, done = sum(len(b) for b in blocks), 0
+    hashes = [train.hashes] * len(views) + [val.hashes] + ([test.hashes] if test is not None else [])
+    flipped = [False, True][: len(views)] + [False] * (len(blocks) - len(views))
     feats = []
-    for block in blocks:
+    for block, block_hashes, flip in zip(blocks, hashes, flipped):
         def on_batch(n: int, _total: int, base=done) -> None:
             callbacks.report("features", (base + n) / total, f"pretrained features {base + n}/{total} images")
-        feats.append(torch.from_numpy(extract_all(extractor, block, batch_size=cfg.batch_size, on_batch=on_batch)))
+        keys = [("features", cfg.backbone, image_size, flip, h) for h in block_hashes]
+        todo = [i for i, k in enumerate(keys) if memo is None or k not in memo]
+        fresh = extract_all(extractor, block[todo] if len(todo) < len(keys) else block, batch_size=cfg.batch_size,
+                            on_batch=on_batch) if todo else None
+        if memo is None or not keys:
+            feats.append(torch.from_numpy(fresh if fresh is not None else extract_all(extractor, block)))
+        else:
+            memo.update((keys[i], row) for i, row in zip(todo, fresh if fresh is not None else []))
+            feats.append(torch.from_numpy(np.stack([memo[k] for k in keys])))
         done += len(block)
     fit = torch.from_numpy(_without(len(train.labels), selection))
     x_train = torch.cat([f[fit] for f in feats[: len(views)]])
@@ -450,32 +469,76 @@ class CompareResult:
 
 def run_compare(dataset: Dataset, cfg: TrainConfig | None = None, callbacks: Callbacks | None = None,
                 *, arms: tuple[str, ...] | None = None) -> CompareResult:
-    """Train the requested arms (both by default) on the dataset's split and build the report."""
+    """Train the requested arms (both by default) on the dataset's split and build the report.
+
+    With ``cfg.repeats`` K > 1 the whole comparison runs K times (seeds ``seed`` .. ``seed + K - 1``, and a new
+    random split each time unless the folders fixed it); the first run is the result (its models are the ones
+    exported) and ``report["repeats"]`` summarises all K (``summarize_repeats``)."""
     cfg = (cfg or TrainConfig()).validated()
     callbacks = callbacks or Callbacks()
     arms = arms or (ARMS if cfg.train_scratch else ("pretrained",))
     unknown = set(arms) - set(ARMS)
     if unknown:
         raise ValueError(f"Unknown arm(s) {sorted(unknown)}: use pretrained and/or scratch.")
+    memo: dict | None = {} if cfg.repeats > 1 else None
+    result = _compare_once(dataset, cfg, callbacks, arms, memo, label="")
+    if cfg.repeats == 1:
+        return result
+    reports = [result.report]
+    for r in range(1, cfg.repeats):
+        seed = cfg.seed + r
+        again = _compare_once(dataset.resplit(seed), dataclasses.replace(cfg, seed=seed), callbacks, arms, memo,
+                              label=f"repeat {r + 1}/{cfg.repeats}: ")
+        reports.append(again.report)
+    result.report["repeats"] = summarize_repeats(reports, redrawn=bool(dataset.fractions)
+                                                 and not dataset.predefined_split)
+    return result
+
+
+def summarize_repeats(reports: list[dict], *, redrawn: bool) -> dict:
+    """Mean, spread and every value per arm over repeated comparisons, how often each arm met its target, and
+    its time to target in each repeat (None: never)."""
+    def spread(values: list[float]) -> dict:
+        return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                "min": float(np.min(values)), "max": float(np.max(values)), "values": [float(v) for v in values]}
+
+    target = reports[0]["target_accuracy"]
+    arms = {}
+    for arm in reports[0]["runs"]:
+        runs = [rep["runs"][arm] for rep in reports]
+        arms[arm] = {
+            **{key: spread([run[key] for run in runs]) for key in ("val_accuracy", "balanced_accuracy", "f1_macro")},
+            "met_target": float(np.mean([run["val_accuracy"] >= target for run in runs])),
+            "time_to_target_seconds": [run["time_to_target_seconds"] for run in runs],
+            "train_seconds": [run["train_seconds"] for run in runs],
+            "best_epoch": [run["best_epoch"] for run in runs],
+        }
+    return {"count": len(reports), "seeds": [rep["seed"] for rep in reports],
+            "splits": "a new random split per repeat" if redrawn else "the same split (fixed by the folders)",
+            "target_accuracy": target, "arms": arms}
+
+
+def _compare_once(dataset: Dataset, cfg: TrainConfig, callbacks: Callbacks, arms: tuple[str, ...],
+                  memo: dict | None, label: str) -> CompareResult:
     device = resolve_device(cfg.device)
     spec = models.get_backbone_spec(cfg.backbone)
     image_size = cfg.resolved_image_size(device)
     classes = dataset.classes
 
-    callbacks.report("decode", 0.0, "preparing the feature engine")
+    callbacks.report("decode", 0.0, f"{label}preparing the feature engine")
     wait_for_warm_up()  # a server's start-up export must not run beside training (see warm_up_feature_engine)
 
-    callbacks.report("decode", 0.0, "decoding images")
+    callbacks.report("decode", 0.0, f"{label}decoding images")
     train_items, val_items, test_items = (dataset.split(s) for s in ("train", "val", "test"))
     all_items = train_items + val_items + test_items
-    prepared = prepare_images(all_items, image_size, spec, callbacks=callbacks)
+    prepared = prepare_images(all_items, image_size, spec, callbacks=callbacks, memo=memo)
     n_tr, n_va = len(train_items), len(val_items)
     train = _subset(prepared, 0, n_tr)
     val = _subset(prepared, n_tr, n_tr + n_va)
     test = _subset(prepared, n_tr + n_va, len(all_items)) if test_items else None
 
     results: dict[str, RunResult] = {}
-    trainers = {"pretrained": train_finetune if cfg.unfreeze_blocks else train_pretrained,
+    trainers = {"pretrained": train_finetune if cfg.unfreeze_blocks else functools.partial(train_pretrained, memo=memo),
                 "scratch": train_from_scratch}
     selection = selection_indices(train.labels, cfg.selection_fraction, cfg.seed)
     for arm in arms:
