@@ -454,3 +454,62 @@ def test_training_waits_for_the_servers_feature_engine_warm_up(monkeypatch):
     warm_up.join(timeout=10)
     assert not run.is_alive() and results and results[0].report["runs"]["pretrained"]["epochs_run"] == 1
     assert any(m.startswith("decoded") for m in messages)
+
+
+def test_resplit_draws_another_stratified_split_of_the_same_images(tmp_path):
+    from tests.helpers import colour_zip
+
+    ds = load_dataset(colour_zip(tmp_path / "c.zip", per_class=10), seed=0, cache=tmp_path / "cache")
+    other = ds.resplit(1)
+    assert sorted(i.path for i in other.items) == sorted(i.path for i in ds.items)
+    assert other.counts() == ds.counts()  # same shares per class
+    assert {i.path for i in other.split("val")} != {i.path for i in ds.split("val")}
+    assert ds.resplit(0).items == ds.items  # the seed load_dataset used gives its split back
+
+
+def test_repeats_reuse_features_and_report_mean_spread_and_target_hits(tmp_path, monkeypatch, _session_cache):
+    import core.train as train_module
+    from tests.helpers import colour_zip
+
+    ds = load_dataset(colour_zip(tmp_path / "c.zip", per_class=10), seed=0, cache=tmp_path / "cache")
+    extracted = []
+    make = train_module.make_feature_extractor
+
+    def counting(*args, **kwargs):
+        engine = make(*args, **kwargs)
+        extract = engine.extract
+        engine.extract = lambda images: extracted.append(len(images)) or extract(images)
+        return engine
+
+    monkeypatch.setattr(train_module, "make_feature_extractor", counting)
+    result = _compare(_session_cache, ds, TrainConfig(**{**FAST, "epochs": 1, "repeats": 3}))
+    rep = result.report["repeats"]
+    assert rep["count"] == 3 and rep["seeds"] == [0, 1, 2] and rep["splits"] == "a new random split per repeat"
+    assert sum(extracted) == len(ds.items)  # every image's features computed once over all three repeats
+    for arm in ("pretrained", "scratch"):
+        acc = rep["arms"][arm]["val_accuracy"]
+        assert len(acc["values"]) == 3 and acc["mean"] == pytest.approx(np.mean(acc["values"]))
+        assert acc["min"] <= acc["mean"] <= acc["max"]
+        hits = [v >= result.report["target_accuracy"] for v in acc["values"]]
+        assert rep["arms"][arm]["met_target"] == pytest.approx(np.mean(hits))
+        assert len(rep["arms"][arm]["time_to_target_seconds"]) == 3
+    assert result.report["runs"]["pretrained"]["val_accuracy"] == rep["arms"]["pretrained"]["val_accuracy"]["values"][0]
+
+
+def test_repeat_summary_and_its_table_rows_on_known_values():
+    from core.summary import repeat_rows
+    from core.train import summarize_repeats
+
+    def report(seed, acc, ttt):
+        run = {"val_accuracy": acc, "balanced_accuracy": acc, "f1_macro": acc, "time_to_target_seconds": ttt,
+               "train_seconds": 1.0, "best_epoch": 1}
+        return {"seed": seed, "target_accuracy": 0.85, "runs": {"pretrained": run}}
+
+    rep = summarize_repeats([report(0, 0.8, None), report(1, 0.9, 2.0), report(2, 1.0, 1.5)], redrawn=True)
+    acc = rep["arms"]["pretrained"]["val_accuracy"]
+    assert acc["mean"] == pytest.approx(0.9) and acc["sd"] == pytest.approx(0.1)  # sample SD of 0.8, 0.9, 1.0
+    assert rep["arms"]["pretrained"]["met_target"] == pytest.approx(2 / 3)
+    rows = dict(repeat_rows({"repeats": rep}))
+    assert rows["validation accuracy over 3 repeats"]["pretrained"] == "90.0% ± 10.0 (80.0–100.0)"
+    assert rows["met the 85% target"]["pretrained"] == "2 of 3"
+    assert rows["time to target, each repeat"]["pretrained"] == "never, 2.0 s, 1.5 s"
