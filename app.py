@@ -215,7 +215,8 @@ def on_unload(request: gr.Request = None) -> None:
 
 # -------- Train & compare tab ----------------------------------------------------------------------------------
 
-TRAIN_INPUTS = ("backbone", "epochs", "budget", "image_size", "target", "device", "scratch", "seed", "unfreeze")
+TRAIN_INPUTS = ("backbone", "epochs", "budget", "image_size", "target", "device", "scratch", "seed", "unfreeze",
+                "repeats")
 TRAIN_OUTPUTS = (
     "state", "status", "log", "curves", "speedup", "results", "verdicts", "confusion", "per_class", "mistakes",
     "diagnostics", "threshold_group", "positive", "threshold", "threshold_md", "threshold_cm", "export_md",
@@ -254,13 +255,14 @@ def cancel_training(state: dict | None) -> str:
 
 def train(state: dict | None, backbone: str, epochs: float, budget: float | None, image_size: float | None,
           target: float, device: str, scratch: bool, seed: float | None = 0, unfreeze: float | None = 0,
+          repeats: float | None = 1,
           progress: gr.Progress = gr.Progress(), request: gr.Request = None) -> Iterator[tuple]:  # noqa: B008
     """Train both arms (``core.jobs``) and stream progress; the last update holds every result. ``TRAIN_OUTPUTS``."""
     state = _state(state, request)
     if state.get("dataset") is None:
         raise _fail("Load a dataset first (Data tab): pick a sample or upload a .zip.", title="No data")
     with _errors_shown_as("Invalid setting"):
-        cfg = make_config(backbone, epochs, budget, image_size, target, device, scratch, seed, unfreeze,
+        cfg = make_config(backbone, epochs, budget, image_size, target, device, scratch, seed, unfreeze, repeats,
                           max_budget=LIMITS["max_budget"])
     if state["cancel"].is_set():
         state["cancel"] = threading.Event()
@@ -442,6 +444,10 @@ def _train_settings(image_size: int) -> dict[str, Any]:
                                   label="Fine-tune the last N backbone blocks", elem_id="unfreeze",
                                   info="0: frozen backbone, features computed once (seconds). N > 0: those blocks "
                                        "train too, on augmented images, like the scratch arm (minutes on a CPU).")
+        c["repeats"] = gr.Slider(1, 5, value=1, step=1, label="Repeats", elem_id="repeats",
+                                 info="Train both arms this many times (new seed, and a new split unless your folders "
+                                      "fix it) and show the average and spread. Each repeat trains the scratch arm "
+                                      "again, within its own time budget.")
     with gr.Row():
         c["train_btn"] = gr.Button("🚀 Train", variant="primary", elem_id="train-btn")
         c["cancel_btn"] = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel-btn")

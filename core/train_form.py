@@ -37,7 +37,8 @@ def inference_device() -> str:
 
 
 def make_config(backbone: str, epochs: float, budget: float | None, image_size: float | None, target: float,
-                device: str, scratch: bool, seed: float | None = 0, unfreeze: float | None = 0, *,
+                device: str, scratch: bool, seed: float | None = 0, unfreeze: float | None = 0,
+                repeats: float | None = 1, *,
                 max_budget: float | None = None) -> TrainConfig:
     """A validated ``TrainConfig`` from the form's values; an image size of 0 means the default.
 
@@ -51,4 +52,4 @@ def make_config(backbone: str, epochs: float, budget: float | None, image_size: 
     return TrainConfig.from_dict({
         "backbone": backbone, "epochs": epochs, "budget_seconds": budget or None, "image_size": image_size or None,
         "target_accuracy": target, "device": device, "seed": seed or 0, "train_scratch": bool(scratch),
-        "unfreeze_blocks": unfreeze or 0})
+        "unfreeze_blocks": unfreeze or 0, "repeats": repeats or 1})

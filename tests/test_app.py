@@ -263,6 +263,15 @@ def test_fine_tuning_the_last_blocks_from_the_app(app_root):
     assert Path(final["dl_onnx"]["value"]).is_file()
 
 
+def test_repeats_from_the_advanced_panel_show_mean_and_spread(app_root):
+    state = data_out(app.load_sample(TINY, app.new_session()))["state"]
+    final, _ = run_train(state, scratch=False, repeats=2)
+    assert final["status"].startswith("✅")
+    rows = final["results"].set_index("metric")
+    assert "validation accuracy over 2 repeats" in rows.index and "met the 85% target" in rows.index
+    assert rows.loc["met the 85% target"].iloc[0] in ("0 of 2", "1 of 2", "2 of 2")
+
+
 def test_cancel_stops_training(app_root, trained):
     state = app.new_session()
     state = data_out(app.load_sample(TINY, state))["state"]
