@@ -217,6 +217,51 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_compare)
 
 
+def add_efficiency_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("efficiency", help="how many images do you need? accuracy against training images per class",
+                       description="Validation accuracy of both arms against labelled training images per class "
+                       "(1, 2, 5, 10, 25, 50, all), on the same validation images; writes efficiency.json and "
+                       "efficiency.png.", parents=[training_args_parser(omit=("repeats",))])
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for efficiency.json and efficiency.png")
+    p.add_argument("--sizes", type=positive_int, nargs="+", default=None, metavar="N",
+                   help="training images per class to try, besides all of them (default: 1 2 5 10 25 50)")
+    p.add_argument("--draws", type=positive_int, default=None, metavar="K",
+                   help="random draws of the training images at each size up to 10 (default 3)")
+    p.add_argument("--scratch-budget", type=float, default=None, metavar="S",
+                   help="seconds for all scratch points together; the rest are skipped (default 300; 0: no scratch)")
+    p.set_defaults(func=cmd_efficiency)
+
+
+def cmd_efficiency(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from core import efficiency as eff
+    from core import plots
+    from core.runtime.files import atomic_write, write_json_atomic
+
+    cfg = config_from_args(args)
+    ds = load_from_args(args, seed=cfg.seed)
+    budget = eff.DEFAULT_SCRATCH_BUDGET if args.scratch_budget is None else args.scratch_budget
+    arms = ("pretrained",) if budget <= 0 or not cfg.train_scratch else ("pretrained", "scratch")
+    start = time.perf_counter()
+    curve = eff.efficiency_curve(ds, cfg, sizes=args.sizes or eff.SIZES, draws=args.draws or eff.DEFAULT_DRAWS,
+                                 scratch_budget=budget, arms=arms)
+    curve["seconds"] = time.perf_counter() - start
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "efficiency.json", curve)
+    figure = plots.efficiency(curve)
+    atomic_write(out / "efficiency.png", lambda tmp: plots.save(figure, tmp, format="png"))
+    rows = eff.efficiency_table(curve)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))
+    for skip in curve["skipped"]:
+        print(f"skipped: {skip['arm']} at {skip['per_class']} ({skip['reason']})")
+    print(f"accuracy on {curve['val_images']} validation images; {curve['interval']}; {curve['seconds']:.1f} s in all")
+    print(f"wrote {out / 'efficiency.json'} and {out / 'efficiency.png'}")
+    return 0
+
+
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one arm (pretrained or scratch)",
                        parents=[training_args_parser(), output_args_parser()])
@@ -332,7 +377,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_datasets_parser, add_backbones_parser, add_compare_parser, add_train_parser, add_bench_parser,
+    add_datasets_parser, add_backbones_parser, add_compare_parser, add_train_parser, add_efficiency_parser,
+    add_bench_parser,
     add_predict_parser,
 ]
 

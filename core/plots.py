@@ -42,6 +42,33 @@ def learning_curves(runs: dict[str, dict], target: float | None = None) -> Figur
     return fig
 
 
+def efficiency(curve: dict) -> Figure:
+    """Validation accuracy against labelled training images per class (log scale), one line per arm: the mean
+    of each point's draws, its 95% interval as error bars, and each draw as a faint dot."""
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    for arm in dict.fromkeys(p["arm"] for p in curve["points"]):
+        points = [p for p in curve["points"] if p["arm"] == arm]
+        color, label = ARM_STYLE.get(arm, (None, arm))
+        x = np.array([p["per_class_n"] for p in points], dtype=float)
+        y = np.array([p["val_accuracy"] for p in points])
+        err = np.array([[p["val_accuracy"] - p["ci"][0], p["ci"][1] - p["val_accuracy"]] for p in points]).T
+        ax.errorbar(x, y, yerr=err, fmt="o-", color=color, label=label, markersize=4, capsize=3, lw=1.5)
+        for p in points:
+            if len(p["draws"]) > 1:
+                ax.plot([p["per_class_n"]] * len(p["draws"]), p["draws"], ".", color=color, alpha=0.35)
+    if curve.get("target_accuracy"):
+        ax.axhline(curve["target_accuracy"], color="grey", ls="--", lw=1,
+                   label=f"target {curve['target_accuracy']:.0%}")
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training images per class (log scale; the last point: all)")
+    ax.set_ylabel(f"accuracy on the {curve['val_images']} validation images")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("How many images do you need?")
+    return fig
+
+
 def confusion_matrices(runs: dict[str, dict], classes: list[str]) -> Figure:
     """The confusion matrices (counts) of the arms, side by side."""
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs) + 0.6, 4.2), layout="constrained", squeeze=False)
@@ -95,6 +122,6 @@ def detached(make: Callable[..., Figure], *args: Any, **kwargs: Any) -> Figure:
     return fig
 
 
-def save(fig: Figure, path) -> None:
-    fig.savefig(path, dpi=110)
+def save(fig: Figure, path, format: str | None = None) -> None:  # noqa: A002 - matplotlib's name
+    fig.savefig(path, dpi=110, format=format)
     plt.close(fig)

@@ -179,14 +179,21 @@ def _evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float,
 
 def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages, val: PreparedImages,
                      test: PreparedImages | None, device: torch.device, callbacks: Callbacks,
-                     selection: np.ndarray | None = None, memo: dict | None = None) -> RunResult:
+                     selection: np.ndarray | None = None, memo: dict | None = None,
+                     build_model: bool = True) -> RunResult:
     """``selection``: indices into ``train`` held out to choose the epoch (see ``selection_indices``). ``memo``:
-    features kept between calls (repeats), by backbone, size, view and content hash."""
+    features kept between calls (repeats), by backbone, size, view and content hash. ``build_model=False``: the
+    result's ``model`` is only the trained head (``Classifier.head``'s weights), for callers that only score it."""
     image_size = train.crops.shape[1]
     # The feature engine is built once per machine, backbone and size (an ONNX export, cached on disk, like
     # downloaded weights): its setup time is reported on its own, not as training time.
     setup = time.perf_counter()
-    extractor = make_feature_extractor(cfg.backbone, image_size, device, engine=cfg.feature_engine)
+    engine_key = ("engine", cfg.backbone, image_size, str(device), cfg.feature_engine)
+    extractor = memo.get(engine_key) if memo is not None else None
+    if extractor is None:
+        extractor = make_feature_extractor(cfg.backbone, image_size, device, engine=cfg.feature_engine)
+        if memo is not None:
+            memo[engine_key] = extractor
     setup_seconds = time.perf_counter() - setup
     start = time.perf_counter()
 
@@ -260,9 +267,12 @@ def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages
     with torch.no_grad():
         val_prob = torch.softmax(head(x_val), 1).numpy()
         test_prob = torch.softmax(head(x_test), 1).numpy() if x_test is not None else None
-    model = models.build_classifier(cfg.backbone, len(classes), pretrained=True)
-    model.head.load_state_dict(best_state)
-    model.freeze_backbone()
+    if build_model:
+        model = models.build_classifier(cfg.backbone, len(classes), pretrained=True)
+        model.head.load_state_dict(best_state)
+        model.freeze_backbone()
+    else:
+        model = head
     return RunResult("pretrained", model.eval(), log.history, log.best["epoch"], train_seconds, val_prob, test_prob,
                      extra={"feature_engine": extractor.engine, "device": _engine_device(extractor.engine),
                             "feature_seconds": feature_seconds,
@@ -519,7 +529,7 @@ def summarize_repeats(reports: list[dict], *, redrawn: bool) -> dict:
 
 
 def _compare_once(dataset: Dataset, cfg: TrainConfig, callbacks: Callbacks, arms: tuple[str, ...],
-                  memo: dict | None, label: str) -> CompareResult:
+                  memo: dict | None, label: str, build_models: bool = True) -> CompareResult:
     device = resolve_device(cfg.device)
     spec = models.get_backbone_spec(cfg.backbone)
     image_size = cfg.resolved_image_size(device)
@@ -538,8 +548,9 @@ def _compare_once(dataset: Dataset, cfg: TrainConfig, callbacks: Callbacks, arms
     test = _subset(prepared, n_tr + n_va, len(all_items)) if test_items else None
 
     results: dict[str, RunResult] = {}
-    trainers = {"pretrained": train_finetune if cfg.unfreeze_blocks else functools.partial(train_pretrained, memo=memo),
-                "scratch": train_from_scratch}
+    pretrained = (train_finetune if cfg.unfreeze_blocks
+                  else functools.partial(train_pretrained, memo=memo, build_model=build_models))
+    trainers = {"pretrained": pretrained, "scratch": train_from_scratch}
     selection = selection_indices(train.labels, cfg.selection_fraction, cfg.seed)
     for arm in arms:
         results[arm] = trainers[arm](cfg, classes, train, val, test, device, callbacks, selection)
