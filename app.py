@@ -386,6 +386,35 @@ def example_snippet() -> str:
     return (Path(__file__).resolve().parent / "export" / "example_predict.py").read_text(encoding="utf-8")
 
 
+EFFICIENCY_OUTPUTS = ("status", "eff_md", "eff_plot", "eff_table", "train_btn", "cancel_btn")
+
+
+def data_efficiency(state: dict | None, backbone: str, epochs: float, budget: float | None, image_size: float | None,
+                    target: float, device: str, scratch: bool, seed: float | None = 0, unfreeze: float | None = 0,
+                    repeats: float | None = 1, progress: gr.Progress = gr.Progress(),  # noqa: B008
+                    request: gr.Request = None) -> tuple:
+    """The data-efficiency curve (``core.efficiency``) with the form's settings and a frozen backbone; scratch
+    points stop at one time budget in all. ``EFFICIENCY_OUTPUTS``."""
+    state = _state(state, request)
+    if state.get("dataset") is None:
+        raise _fail("Load a dataset first (Data tab): pick a sample or upload a .zip.", title="No data")
+    with _errors_shown_as("Invalid setting"):
+        cfg = make_config(backbone, epochs, budget, image_size, target, device, scratch, seed, 0, 1,
+                          max_budget=LIMITS["max_budget"])
+    from core.efficiency import DEFAULT_SCRATCH_BUDGET, efficiency_curve, efficiency_frame, efficiency_text
+    from core.train import Callbacks, TrainingCancelled
+
+    callbacks = Callbacks(progress=lambda stage, frac, msg: progress(frac, desc=msg), cancel=state["cancel"])
+    with _errors_shown_as("The curve failed", state), SESSIONS.busy(state["sid"]):
+        try:
+            curve = efficiency_curve(state["dataset"], cfg, callbacks=callbacks,
+                                     scratch_budget=LIMITS["max_budget"] or DEFAULT_SCRATCH_BUDGET)
+        except TrainingCancelled:
+            return _out(EFFICIENCY_OUTPUTS, status="🛑 Cancelled.", **_IDLE)
+    return _out(EFFICIENCY_OUTPUTS, status="✅ Curve done.", eff_md=efficiency_text(curve),
+                eff_plot=plots.detached(plots.efficiency, curve), eff_table=efficiency_frame(curve), **_IDLE)
+
+
 def benchmark(state: dict | None, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
     """Torch eager vs onnxruntime FP32 vs INT8 at batch 1 and 16. Outputs: markdown, bar chart, table."""
     state = _state(state)
@@ -484,6 +513,15 @@ def _train_tab(image_size: int) -> dict[str, Any]:
     c["per_class"] = gr.Dataframe(label="Per-class report (validation set)", interactive=False, elem_id="per-class")
     c["mistakes"] = gr.Gallery(label="Misclassified validation images (true → predicted, confidence)", columns=6,
                                height=300, format="png", object_fit="contain", elem_id="mistakes", fit_columns=False)
+    with gr.Accordion("How many images do you need?", open=False, elem_id="efficiency"):
+        gr.Markdown("Train on 1, 2, 5, 10, 25, 50 and all of your images per class and see each arm's accuracy on the "
+                    "same validation images. Uses the settings above with a frozen backbone; the pretrained points "
+                    "take seconds, the scratch points share one time budget.")
+        c["eff_btn"] = gr.Button("📈 Draw the curve", elem_id="eff-btn")
+        c["eff_plot"] = gr.Plot(show_label=False, elem_id="eff-plot")
+        c["eff_md"] = gr.Markdown(elem_id="eff-md")
+        c["eff_table"] = gr.Dataframe(label="Accuracy (95% interval) by training images per class", interactive=False,
+                                      elem_id="eff-table")
     return c
 
 
@@ -577,6 +615,11 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurre
                          api_visibility="private").success(
         train, train_inputs, train_out, api_name="train", concurrency_limit=concurrency, concurrency_id="train",
         show_progress_on=[c["status"]], validator=_session_limit("train", len(train_inputs), "training"))
+    c["eff_btn"].click(arm_training, [state], [state, c["status"], c["train_btn"], c["cancel_btn"]], queue=False,
+                       api_visibility="private").success(
+        data_efficiency, train_inputs, [c[n] for n in EFFICIENCY_OUTPUTS], api_name="efficiency",
+        concurrency_limit=concurrency, concurrency_id="train", show_progress_on=[c["status"]],
+        validator=_session_limit("train", len(train_inputs), "training"))
     c["cancel_btn"].click(cancel_training, [state], [c["status"]], queue=False, api_name="cancel")
     c["backbone"].change(unfreeze_range, [c["backbone"]], [c["unfreeze"]], queue=False, api_visibility="private")
     threshold_io = ([state, c["positive"], c["threshold"]], [c["threshold_md"], c["threshold_cm"]])

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 
 from . import stats
 from .config import TrainConfig
@@ -111,3 +112,26 @@ def efficiency_table(curve: dict) -> list[tuple[str, ...]]:
             values.append(f"{p['val_accuracy']:.1%} ({lo * 100:.1f}–{hi * 100:.1f}{spread})")
         rows.append((size.removesuffix(" per class"), str(first["train_images"]), *values))
     return rows
+
+
+def efficiency_frame(curve: dict) -> pd.DataFrame:
+    """``efficiency_table`` as a DataFrame (the app's table)."""
+    rows = efficiency_table(curve)
+    return pd.DataFrame(rows[1:], columns=list(rows[0]))
+
+
+def efficiency_text(curve: dict) -> str:
+    """What the curve shows, in plain words (no visitor text: numbers and this module's words only)."""
+    pre = [p for p in curve["points"] if p["arm"] == "pretrained"]
+    target = curve.get("target_accuracy")
+    lines = [f"Each point is the accuracy on the same {curve['val_images']} validation images after training on that "
+             "many labelled images per class (sizes up to 10 are drawn several times; the bars are 95% intervals)."]
+    if pre and target:
+        first = next((p for p in pre if p["val_accuracy"] >= target), None)
+        lines.append(f"The pretrained arm first reached the {target:.0%} target with **{first['per_class']}**."
+                     if first else f"The pretrained arm did not reach the {target:.0%} target at any size.")
+    if curve["skipped"]:
+        sizes = ", ".join(s["per_class"] for s in curve["skipped"])
+        lines.append(f"Skipped to stay within the scratch budget of {curve['scratch_budget_seconds']:g} s: "
+                     f"scratch at {sizes}.")
+    return "\n\n".join(lines)

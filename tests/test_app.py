@@ -272,6 +272,18 @@ def test_repeats_from_the_advanced_panel_show_mean_and_spread(app_root):
     assert rows.loc["met the 85% target"].iloc[0] in ("0 of 2", "1 of 2", "2 of 2")
 
 
+def test_the_data_efficiency_curve_from_the_train_tab(app_root):
+    state = data_out(app.load_sample(TINY, app.new_session()))["state"]
+    state, *_ = app.arm_training(state)
+    out = dict(zip(app.EFFICIENCY_OUTPUTS, app.data_efficiency(state, **{**FAST, "scratch": False},
+                                                                progress=_NoProgress())))
+    assert out["status"].startswith("✅") and out["eff_plot"] is not None
+    table = out["eff_table"]
+    assert list(table.columns) == ["per class", "training images", "pretrained"]
+    assert table["per class"].iloc[0] == "1" and table["per class"].iloc[-1] == "all"
+    assert "validation images" in out["eff_md"]
+
+
 def test_cancel_stops_training(app_root, trained):
     state = app.new_session()
     state = data_out(app.load_sample(TINY, state))["state"]
