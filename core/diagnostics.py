@@ -129,10 +129,21 @@ def duplicate_hashes_across_splits(items) -> dict:
                    [str(i.path) for i in other], [i.sha256 for i in other])
 
 
-def overfitting(history: list[dict], t: Thresholds = DEFAULT) -> dict:
-    """Generalisation gap at the end, and validation loss rising while training loss falls."""
+CHANCE_MARGIN = 0.02  # within 2 points of always answering the most common class counts as guessing
+
+
+def overfitting(history: list[dict], t: Thresholds = DEFAULT, *, chance: float | None = None) -> dict:
+    """Generalisation gap at the end, and validation loss rising while training loss falls. ``chance``: the
+    validation accuracy of always answering the most common class; a model never clearly above it has not learned,
+    and is flagged as such instead of being called free of overfitting."""
     if not history:
         return {"flagged": False, "message": "No epochs were run."}
+    best_acc = max(h["val_accuracy"] for h in history)
+    if chance is not None and best_acc <= chance + CHANCE_MARGIN:
+        return {"flagged": True, "at_chance": True, "accuracy_gap": None, "best_val_loss_epoch": None,
+                "message": f"Validation accuracy never rose above {best_acc:.1%}, no better than guessing "
+                           f"({chance:.1%} by always answering the most common class): this model has not learned "
+                           "yet, so overfitting cannot be judged. Give it more epochs or more time."}
     last = history[-1]
     gap = last["train_accuracy"] - last["val_accuracy"]
     best = min(history, key=lambda h: h["val_loss"])
@@ -142,7 +153,6 @@ def overfitting(history: list[dict], t: Thresholds = DEFAULT) -> dict:
         and last["val_loss"] - best["val_loss"] > t.val_loss_rise_abs
         and last["train_loss"] < best["train_loss"]
     )
-    best_acc = max(h["val_accuracy"] for h in history)
     degraded = best_acc - last["val_accuracy"] >= t.val_accuracy_drop
     reasons = []
     if gap > t.overfit_gap:
@@ -153,9 +163,10 @@ def overfitting(history: list[dict], t: Thresholds = DEFAULT) -> dict:
                        f"{last['val_loss']:.3f} while training loss kept falling, and validation accuracy fell from "
                        f"{best_acc:.1%} to {last['val_accuracy']:.1%}")
     flagged = bool(reasons)
+    said = "; ".join(reasons)
     message = (
-        "Overfitting: " + "; ".join(reasons) + ". The epoch kept is the one that did best on training images "
-        "held out for choosing it; more data, augmentation or fewer epochs help."
+        said[:1].upper() + said[1:] + ". The epoch kept is the one that did best on training images held out for "
+        "choosing it; more data, augmentation or fewer epochs help."
         if flagged
         else f"No sign of overfitting (train/validation accuracy gap {gap:.1%})."
     )

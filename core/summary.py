@@ -81,9 +81,7 @@ def comparison_rows(report: dict) -> list[tuple[str, dict[str, str]]]:
     if all("test" in run for run in runs.values()):  # the test split: scored once, at the epoch kept
         rows[2:2] = [("test accuracy", {arm: pct_ci(run["test"], "val_accuracy") for arm, run in runs.items()})]
     rows.append(("speed-up to target", {arm: speedup_cell(report, arm) for arm in runs}))
-    rows.append(("epoch kept / epochs run",
-                 {arm: f"{r.get('best_epoch')} / {r.get('epochs_run', len(r.get('history', [])))}"
-                  for arm, r in runs.items()}))
+    rows.append(("epoch kept / epochs run", {arm: epochs_cell(report, r) for arm, r in runs.items()}))
     rows.append(("verdict", {arm: r["verdict"]["label"] for arm, r in runs.items()}))
     return rows + repeat_rows(report)
 
@@ -109,10 +107,47 @@ def repeat_rows(report: dict) -> list[tuple[str, dict[str, str]]]:
                                              for arm, a in arms.items()})]
 
 
+ARM_NAMES = {"pretrained": "Pretrained", "scratch": "From scratch"}
+
+
+def epochs_cell(report: dict, run: dict) -> str:
+    """"7 / 15", or "1 / 1.4 of 10 (time limit)" when the budget stopped the arm."""
+    done = run.get("epochs_done", run.get("epochs_run", len(run.get("history", []))))
+    planned = (report.get("config") or {}).get("epochs")
+    if run.get("stopped_by_budget") and planned:
+        return f"{run.get('best_epoch')} / {done:g} of {planned} (time limit)"
+    return f"{run.get('best_epoch')} / {done:g}"
+
+
+def at_chance(report: dict, arm: str) -> bool:
+    return bool(((report.get("diagnostics") or {}).get("overfitting") or {}).get(arm, {}).get("at_chance"))
+
+
+def headline(report: dict) -> str:
+    """The result in plain words, before any table: each arm's share of validation images right, how long it
+    trained and what stopped it ("From scratch: **10% correct (no better than guessing)** when the 60 s time
+    limit stopped it after 1.4 of 10 epochs.")."""
+    runs = report["runs"]
+    config = report.get("config") or {}
+    budget, planned = config.get("budget_seconds"), config.get("epochs")
+    parts = []
+    for arm, run in runs.items():
+        guessing = " (no better than guessing)" if at_chance(report, arm) else ""
+        correct = f"{run['val_accuracy']:.0%} correct{guessing}"
+        done = run.get("epochs_done", run.get("epochs_run"))
+        if run.get("stopped_by_budget") and budget:
+            how = f"when the {budget:g} s time limit stopped it after {done:g} of {planned} epochs"
+        else:
+            how = f"after {sec(run['train_seconds'])} ({done:g} epochs)"
+        parts.append(f"{ARM_NAMES.get(arm, arm)}: **{correct}** {how}.")
+    lead = f"With the same {budget:g} s each. " if budget and len(runs) == 2 else ""
+    return lead + " ".join(parts)
+
+
 def speedup_text(report: dict) -> str:
     """How much sooner the pretrained arm reached the target (or which arm did, or neither), then whether the
     arms' accuracies really differ (``comparison_text``) as a second paragraph."""
-    paragraphs = [_speedup_sentence(report), comparison_text(report), selection_text(report)]
+    paragraphs = [headline(report), _speedup_sentence(report), comparison_text(report), selection_text(report)]
     return "\n\n".join(p for p in paragraphs if p)
 
 
@@ -211,7 +246,8 @@ def diagnostic_items(report: dict) -> list[tuple[str, bool, str]]:
     items = [(title, d["flagged"], d["message"]) for key, title in (("imbalance", "Class imbalance"),
                                                                      ("leakage", "Train/validation leakage"))
              if (d := diag.get(key))]
-    items += [(f"Overfitting ({arm})", d["flagged"], d["message"]) for arm, d in diag.get("overfitting", {}).items()]
+    items += [(f"{'Not learned yet' if d.get('at_chance') else 'Overfitting'} ({arm})", d["flagged"], d["message"])
+              for arm, d in diag.get("overfitting", {}).items()]
     return items
 
 
@@ -227,8 +263,9 @@ def summary_text(report: dict) -> str:
     that were flagged (the app shows the same, as tables and Markdown)."""
     runs = report["runs"]
     rows = [("", *runs)] + [(label, *values.values()) for label, values in comparison_rows(report)]
+    print_first = headline(report).replace("**", "")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = [print_first, ""] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(_speedup_sentence(report).replace("**", "").removeprefix("⚡ "))
     lines += [text for text in (comparison_text(report), selection_text(report)) if text]
     lines += [f"{arm} verdict: {r['verdict']['label']} ({'; '.join(r['verdict']['reasons'])})"

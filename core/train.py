@@ -152,12 +152,28 @@ class _EpochLog:
         self.history: list[dict] = []
         self.best: dict | None = None
         self.best_state: dict | None = None
+        self.stopped_by_budget = False
+
+    def out_of_time(self) -> bool:
+        return self.cfg.budget_seconds is not None and time.perf_counter() - self.start >= self.cfg.budget_seconds
+
+    def summary(self) -> dict:
+        """For the report: how much training happened (epochs, fractional when the budget cut one short)."""
+        last = self.history[-1] if self.history else {"epoch": 0}
+        done = last["epoch"] - 1 + last.get("epoch_fraction", 1.0)
+        return {"epochs_done": round(done, 2), "stopped_by_budget": self.stopped_by_budget,
+                "budget_seconds": self.cfg.budget_seconds}
 
     def end_epoch(self, epoch: int, train_loss: float, train_accuracy: float, val_loss: float, val_accuracy: float,
-                  state: Callable[[], dict], selection: tuple[float, float] | None = None) -> bool:
-        """``selection``: (loss, accuracy) on the held-out selection images, or None when there are none."""
+                  state: Callable[[], dict], selection: tuple[float, float] | None = None,
+                  fraction: float = 1.0) -> bool:
+        """``selection``: (loss, accuracy) on the held-out selection images, or None when there are none.
+        ``fraction``: the share of the epoch's batches that ran (below 1 when the budget stopped it midway). Returns
+        whether the time budget is spent (training stops)."""
         record = {"epoch": epoch, "seconds": time.perf_counter() - self.start, "train_loss": train_loss,
                   "train_accuracy": train_accuracy, "val_loss": val_loss, "val_accuracy": val_accuracy}
+        if fraction < 1.0:
+            record["epoch_fraction"] = round(fraction, 3)
         if selection is not None:
             record.update(selection_loss=selection[0], selection_accuracy=selection[1])
         self.history.append(record)
@@ -166,7 +182,9 @@ class _EpochLog:
             self.best, self.best_state = record, state()
         if self.callbacks.epoch is not None:
             self.callbacks.epoch(self.arm, record)
-        return self.cfg.budget_seconds is not None and record["seconds"] >= self.cfg.budget_seconds
+        spent = self.cfg.budget_seconds is not None and record["seconds"] >= self.cfg.budget_seconds
+        self.stopped_by_budget = (spent and epoch < self.cfg.epochs) or fraction < 1.0
+        return spent
 
 
 def _evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -276,7 +294,7 @@ def train_pretrained(cfg: TrainConfig, classes: list[str], train: PreparedImages
     return RunResult("pretrained", model.eval(), log.history, log.best["epoch"], train_seconds, val_prob, test_prob,
                      extra={"feature_engine": extractor.engine, "device": _engine_device(extractor.engine),
                             "feature_seconds": feature_seconds,
-                            "feature_engine_setup_seconds": setup_seconds,
+                            "feature_engine_setup_seconds": setup_seconds, **log.summary(),
                             "features": {"train": feats[0].numpy(), "other": torch.cat(feats[len(views):]).numpy()}})
 
 
@@ -382,7 +400,7 @@ def _train_network(arm: str, model: models.Classifier, groups: list[dict], weigh
         # forward/backward with augmentation
         model.train()
         perm = torch.randperm(len(train.resized), generator=gen)
-        loss_sum, correct = 0.0, 0
+        loss_sum, correct, seen = 0.0, 0, 0
         for step, i in enumerate(range(0, len(perm), cfg.batch_size)):
             idx = perm[i : i + cfg.batch_size].tolist()
             batch = torch.stack([augment(torch.from_numpy(train.resized[j]).permute(2, 0, 1)).permute(1, 2, 0)
@@ -397,16 +415,19 @@ def _train_network(arm: str, model: models.Classifier, groups: list[dict], weigh
             sched.step()
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
+            seen += len(idx)
             callbacks.report(arm, (epoch - 1 + (step + 1) / steps_per_epoch) / cfg.epochs,
                              f"{arm} epoch {epoch}/{cfg.epochs}, batch {step + 1}/{steps_per_epoch}")
+            if log.out_of_time():  # checked after every batch: one slow epoch cannot overrun the budget
+                break
         # evaluate
         val_loss, val_acc = _evaluate_logits(predict(val.crops), y_val)
         chosen_on = (_evaluate_logits(predict(held_out.crops), torch.from_numpy(held_out.labels))
                      if held_out is not None else None)
         # log / stop
-        if log.end_epoch(epoch, loss_sum / len(perm), correct / len(perm), val_loss, val_acc,
+        if log.end_epoch(epoch, loss_sum / seen, correct / seen, val_loss, val_acc,
                          state=lambda: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                         selection=chosen_on):
+                         selection=chosen_on, fraction=seen / len(perm)):
             break
     train_seconds = time.perf_counter() - start
 
@@ -415,7 +436,8 @@ def _train_network(arm: str, model: models.Classifier, groups: list[dict], weigh
     test_prob = torch.softmax(predict(test.crops), 1).numpy() if test is not None else None
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     return RunResult(arm, model, log.history, log.best["epoch"], train_seconds, val_prob, test_prob,
-                     extra={"amp": str(amp_dtype).replace("torch.", "") if cuda else None, "device": trained_on})
+                     extra={"amp": str(amp_dtype).replace("torch.", "") if cuda else None, "device": trained_on,
+                            **log.summary()})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -623,5 +645,7 @@ def _diagnostics(dataset: Dataset, classes, train, val, test, results: dict[str,
         "imbalance": diagnostics.imbalance(train_counts, val.labels, runs[main_arm], classes),
         "leakage": diagnostics.leakage(rel(train.files), train.hashes, rel(other_files), other_hashes,
                                        train_features, other_features),
-        "overfitting": {arm: diagnostics.overfitting(run["history"]) for arm, run in runs.items()},
+        "overfitting": {arm: diagnostics.overfitting(run["history"], chance=float(np.bincount(val.labels).max()
+                                                                                   / len(val.labels)))
+                        for arm, run in runs.items()},
     }

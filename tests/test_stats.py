@@ -316,7 +316,7 @@ def test_paired_test_sentence_under_the_table_and_in_the_terminal(tiny_result): 
     sentence = f"Paired test (McNemar, exact binomial) on the same {n} validation images: "
     correct = [r.val_probabilities.argmax(1) == tiny_result.val.labels for r in tiny_result.runs.values()]
     sentence += stats.mcnemar(*correct, names=tuple(tiny_result.runs)).sentence
-    assert speedup_text(report).split("\n\n")[1] == sentence  # the app's Markdown under the speed-up sentence
+    assert speedup_text(report).split("\n\n")[2] == sentence  # the app's Markdown: headline, speed-up, this
     assert sentence in summary_text(report).splitlines()  # the terminal's summary
     one_arm = {**report, "runs": {"pretrained": report["runs"]["pretrained"]}, "comparison": None}
     assert "McNemar" not in speedup_text(one_arm) and "McNemar" not in summary_text(one_arm)

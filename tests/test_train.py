@@ -386,6 +386,20 @@ def test_overfitting_flagged_on_tiny_noisy_train_set():
     assert not diagnostics.overfitting(history)["flagged"]
 
 
+def test_a_model_at_chance_is_flagged_as_not_learned_not_called_free_of_overfitting():
+    from core.summary import diagnostic_items
+
+    guessing = [{"epoch": e, "train_loss": 1.1, "train_accuracy": 0.34, "val_loss": 1.1, "val_accuracy": 0.333}
+                for e in range(1, 4)]
+    out = diagnostics.overfitting(guessing, chance=1 / 3)
+    assert out["flagged"] and out["at_chance"] and "no better than guessing" in out["message"]
+    assert "No sign" not in out["message"]
+    learned = [{**h, "val_accuracy": 0.9, "train_accuracy": 0.92} for h in guessing]
+    assert not diagnostics.overfitting(learned, chance=1 / 3)["flagged"]
+    (title, flagged, _), = diagnostic_items({"diagnostics": {"overfitting": {"scratch": out}}})
+    assert title == "Not learned yet (scratch)" and flagged
+
+
 def test_verdict_rule_of_thumb():
     good = {"val_accuracy": 0.9, "precision_macro": 0.88, "recall_macro": 0.86}
     assert verdict(good)["label"] == "good"
@@ -411,7 +425,7 @@ def test_overfitting_val_loss_rule():
 
     losses = [0.5, 0.3, 0.35, 0.45, 0.6]
     worse = diagnostics.overfitting(hist(losses, [0.7, 0.85, 0.84, 0.8, 0.78]))
-    assert worse["flagged"] and worse["val_loss_rising"] and "validation loss rose" in worse["message"]
+    assert worse["flagged"] and worse["val_loss_rising"] and "Validation loss rose" in worse["message"]
     # Loss drifts up while every validation image stays right: more confidence, not worse generalisation.
     confident = diagnostics.overfitting(hist(losses, [0.9, 1.0, 1.0, 1.0, 1.0]))
     assert confident["val_loss_rising"] and not confident["flagged"]
@@ -513,3 +527,16 @@ def test_repeat_summary_and_its_table_rows_on_known_values():
     assert rows["validation accuracy over 3 repeats"]["pretrained"] == "90.0% ± 10.0 (80.0–100.0)"
     assert rows["met the 85% target"]["pretrained"] == "2 of 3"
     assert rows["time to target, each repeat"]["pretrained"] == "never, 2.0 s, 1.5 s"
+
+
+def test_the_time_budget_stops_an_epoch_midway_and_the_headline_says_so(_session_cache):
+    from core.summary import epochs_cell, headline
+
+    cfg = TrainConfig(**{**FAST, "batch_size": 8, "epochs": 5, "budget_seconds": 1e-3})
+    result = _compare(_session_cache, load_dataset(TINY), cfg, arms=("scratch",))
+    run = result.report["runs"]["scratch"]
+    (only,) = run["history"]  # the budget ran out during the first epoch, after its first batch
+    assert only["epoch_fraction"] == pytest.approx(8 / 21, abs=1e-3)  # 24 training images, 3 held out for selection
+    assert run["stopped_by_budget"] and run["epochs_done"] == pytest.approx(0.38, abs=0.01)
+    assert epochs_cell(result.report, run) == "1 / 0.38 of 5 (time limit)"
+    assert "when the 0.001 s time limit stopped it after 0.38 of 5 epochs" in headline(result.report)
