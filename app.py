@@ -31,10 +31,10 @@ import models
 from core import plots, sessions, summary, text
 from core.bench_view import benchmark_md, benchmark_table, throughput_figure
 from core.data import Dataset
-from core.data_view import dataset_gallery, dataset_summary, dataset_warnings, skipped_table
+from core.data_view import active_dataset, dataset_gallery, dataset_summary, dataset_warnings, skipped_table
 from core.device import describe_device, resolve_device
 from core.features import warm_up_feature_engine
-from core.jobs import Cancelled, Epoch, Failed, Finished, Progress, TrainingJob, epoch_line, live_runs
+from core.jobs import Cancelled, Epoch, Failed, Finished, Progress, TrainingJob, epoch_line, live_runs, status_line
 from core.predict_view import classify, load_images, model_description
 from core.queue_limits import QueueLimits
 from core.runtime.errors import UserError, os_error_message
@@ -59,11 +59,11 @@ UPLOADED_MODEL = sessions.UPLOADED_MODEL
 DOWNLOADS = {name: "dl_onnx" if name == "fp32" else f"dl_{name}" for name in VARIANTS}  # variant -> output name
 
 INTRO = """
-# 🔬 Transfer-learning lab
-Train a new classifier head on a **frozen pretrained backbone** and the **same network from scratch** on your
-images, compare them side by side, try the exported ONNX model, and download it.
-**To start, just click _Train_ on the _Train & compare_ tab**: a built-in sample is already loaded and the defaults
-work on a CPU in about a minute. To use your own images, upload a `.zip` of class folders on the _Data_ tab.
+# 🔬 Transfer Lab
+What does a pretrained network buy you? Train a new classifier head on a **frozen pretrained backbone** and the
+**same network from scratch** on your images, compare them side by side, try the exported model, and download it.
+**Press _Train_ below**: a built-in sample is loaded, and each arm stops at its time budget. Your own images: upload
+a `.zip` of class folders on the _Data_ tab.
 """
 
 CSS = """
@@ -165,7 +165,7 @@ def _session_limit(group: str, n_inputs: int, what: str):
 
 # -------- Data tab ---------------------------------------------------------------------------------------------
 
-DATA_OUTPUTS = ("state", "summary", "counts_plot", "gallery", "skipped", "warnings", "preset")
+DATA_OUTPUTS = ("state", "summary", "counts_plot", "gallery", "skipped", "warnings", "preset", "active")
 
 
 def _loaded(state: dict, label: str, ds: Dataset, sample: str | None = None) -> tuple:
@@ -173,7 +173,8 @@ def _loaded(state: dict, label: str, ds: Dataset, sample: str | None = None) -> 
     dataset), and ``state["sample"]`` remembers which sample is loaded."""
     state["dataset"], state["source"], state["sample"] = ds, label, sample
     return (state, dataset_summary(ds, label), plots.detached(plots.class_counts, ds.counts()), dataset_gallery(ds),
-            skipped_table(ds), dataset_warnings(ds), gr.skip() if sample else gr.update(value=None))
+            skipped_table(ds), dataset_warnings(ds), gr.skip() if sample else gr.update(value=None),
+            active_dataset(ds, label))
 
 
 def load_sample(choice: str, state: dict | None, request: gr.Request = None) -> tuple:
@@ -281,7 +282,7 @@ def train(state: dict | None, backbone: str, epochs: float, budget: float | None
         for event in events:  # Progress and Epoch while it runs, then one of Finished, Failed, Cancelled
             if isinstance(event, Progress):
                 progress(event.overall, desc=event.message)
-                yield _out(TRAIN_OUTPUTS, status=f"⏳ {event.message} ({event.elapsed:.0f} s)")
+                yield _out(TRAIN_OUTPUTS, status=status_line(event))
             elif isinstance(event, Epoch):
                 log_lines.append(epoch_line(event.arm, event.record, cfg.epochs))
                 curves = plots.detached(plots.learning_curves, live_runs(event.history, cfg.target_accuracy),
@@ -456,7 +457,11 @@ def _data_tab() -> dict[str, Any]:
 
 def _train_settings(image_size: int) -> dict[str, Any]:
     cap = LIMITS["max_budget"]
-    c = dict(
+    c: dict[str, Any] = {"active": gr.Markdown(active_dataset(None, None), elem_id="active-dataset")}
+    with gr.Row():
+        c["train_btn"] = gr.Button("🚀 Train", variant="primary", elem_id="train-btn", scale=2)
+        c["cancel_btn"] = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel-btn", scale=1)
+    c.update(
         backbone=gr.Dropdown(backbone_choices(), value=models.DEFAULT_BACKBONE, label="Backbone", elem_id="backbone"),
         epochs=gr.Slider(1, 50, value=10, step=1, label="Epochs (cap for each arm)", elem_id="epochs"),
         budget=gr.Number(value=60, minimum=0, maximum=cap or None, elem_id="budget",
@@ -477,9 +482,6 @@ def _train_settings(image_size: int) -> dict[str, Any]:
                                  info="Train both arms this many times (new seed, and a new split unless your folders "
                                       "fix it) and show the average and spread. Each repeat trains the scratch arm "
                                       "again, within its own time budget.")
-    with gr.Row():
-        c["train_btn"] = gr.Button("🚀 Train", variant="primary", elem_id="train-btn")
-        c["cancel_btn"] = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel-btn")
     return c
 
 
@@ -513,6 +515,8 @@ def _train_tab(image_size: int) -> dict[str, Any]:
     c["per_class"] = gr.Dataframe(label="Per-class report (validation set)", interactive=False, elem_id="per-class")
     c["mistakes"] = gr.Gallery(label="Misclassified validation images (true → predicted, confidence)", columns=6,
                                height=300, format="png", object_fit="contain", elem_id="mistakes", fit_columns=False)
+    with gr.Accordion("What the words mean", open=False, elem_id="glossary"):
+        gr.Markdown(summary.GLOSSARY)
     with gr.Accordion("How many images do you need?", open=False, elem_id="efficiency"):
         gr.Markdown("Train on 1, 2, 5, 10, 25, 50 and all of your images per class and see each arm's accuracy on the "
                     "same validation images. Uses the settings above with a frozen backbone; the pretrained points "
@@ -580,12 +584,12 @@ def build_app(session_root_dir: str | os.PathLike[str] | None = None, *, concurr
     if session_root_dir is not None:
         configure(session_root_dir)
     LIMITS["max_budget"] = max_budget
-    with gr.Blocks(title="Transfer-learning lab", analytics_enabled=False, delete_cache=(1800, 7200)) as demo:
+    with gr.Blocks(title="Transfer Lab", analytics_enabled=False, delete_cache=(1800, 7200)) as demo:
         c: dict[str, Any] = {"state": gr.State(new_session, delete_callback=delete_session)}
         gr.Markdown(INTRO)
-        with gr.Tabs(selected="data"):
-            for tab_id, title, make in (("data", "1 · Data", _data_tab),
-                                        ("train", "2 · Train & compare", lambda: _train_tab(default_image_size())),
+        with gr.Tabs(selected="train"):  # the first screen: the active dataset and the Train button
+            for tab_id, title, make in (("train", "1 · Train & compare", lambda: _train_tab(default_image_size())),
+                                        ("data", "2 · Data", _data_tab),
                                         ("predict", "3 · Predict", _predict_tab), ("export", "4 · Export", _export_tab),
                                         ("bench", "5 · Benchmark", _bench_tab)):
                 with gr.Tab(title, id=tab_id):
@@ -649,7 +653,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     on_space = bool(os.environ.get("SPACE_ID"))
     p = argparse.ArgumentParser(
         prog="python app.py",
-        description="Transfer-learning lab web UI: train a new head on a frozen pretrained backbone and the same "
+        description="Transfer Lab web UI: train a new head on a frozen pretrained backbone and the same "
                     "network from scratch, compare them, predict with the exported ONNX model, download it.",
     )
     p.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1",

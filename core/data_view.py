@@ -27,6 +27,16 @@ def dataset_summary(ds: Dataset, label: str) -> str:
     return text
 
 
+def active_dataset(ds: Dataset | None, label: str | None) -> str:
+    """One line above the Train button: which dataset a run will use."""
+    if ds is None:
+        return "**Dataset:** none loaded yet: pick a sample or upload a `.zip` on the **Data** tab."
+    counts = {s: sum(c.values()) for s, c in ds.counts().items()}
+    where = " / ".join(f"{n} {'validation' if s == 'val' else s}" for s, n in counts.items() if n)
+    return (f"**Dataset:** {md(label or ds.root.name)} · {len(ds.classes)} classes · {where} images "
+            "· change it on the **Data** tab")
+
+
 def thumbnail(path, size: int = 112) -> Image.Image:
     """The image fitted in a ``size`` square, decoded at reduced scale (a full-size copy lives only briefly)."""
     img = open_rgb(path, reduce_to=size)

@@ -44,6 +44,28 @@ class Progress:
     stage: str
     message: str
     elapsed: float  # seconds since the job started
+    left: float | None = None  # estimated seconds left in this stage (None: too early to tell)
+
+
+STAGE_WORDS = {"decode": "Reading the images", "features": "Pretrained arm: computing features",
+               "pretrained": "Pretrained arm: training", "scratch": "Scratch arm: training",
+               "done": "Training finished", "export": "Exporting and checking the model"}
+
+
+def stage_time_left(fraction: float, stage_elapsed: float, budget_left: float | None = None) -> float | None:
+    """Seconds left in a stage at its current pace (None until 2% and one second in), never more than what is
+    left of the arm's time budget."""
+    pace = stage_elapsed * (1 - fraction) / fraction if fraction >= 0.02 and stage_elapsed >= 1 else None
+    if budget_left is None:
+        return pace
+    return max(0.0, budget_left if pace is None else min(pace, budget_left))
+
+
+def status_line(event: Progress) -> str:
+    """The status above the bar: the stage in words, time so far and, once known, time left in this stage (the
+    counts stay in the bar's own text, so the page shows one counter)."""
+    left = f", about {event.left:.0f} s left in this step" if event.left is not None else ""
+    return f"⏳ {STAGE_WORDS.get(event.stage, event.stage)}: {event.elapsed:.0f} s so far{left}."
 
 
 @dataclass(frozen=True)
@@ -117,8 +139,8 @@ class TrainingJob:
                               epoch=lambda arm, rec: put(("epoch", arm, dict(rec))), cancel=self.cancel_event)
         try:
             result = run_compare(self.dataset, self.cfg, callbacks)
-            put(("progress", "export", 0.0, "exporting ONNX (parity check, INT8 variant)…"))
-            write_run(result, self.run_dir, export=True)
+            write_run(result, self.run_dir, export=True,
+                      on_step=lambda fraction, words: put(("progress", "export", fraction, words)))
             put(("finished", result))
         except TrainingCancelled:
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -135,6 +157,8 @@ class TrainingJob:
         start = time.perf_counter()
         pending: Progress | None = None  # progress is coalesced: the latest one, at most once per interval
         last = 0.0
+        began: dict[str, float] = {}  # when each stage first reported
+        budget = self.cfg.budget_seconds
         worker.start()
         try:
             while True:
@@ -146,8 +170,14 @@ class TrainingJob:
                 kind = item[0] if item else None
                 if kind == "progress":
                     _, stage, frac, msg = item
+                    began.setdefault(stage, now)
+                    # an arm's budget clock starts with its first stage (the pretrained arm's with its features)
+                    arm_start = began.get("features", began[stage]) if stage == "pretrained" else began[stage]
+                    budget_left = (budget - (now - arm_start)
+                                   if budget and stage in ("features", "pretrained", "scratch") else None)
                     pending = Progress(overall_fraction(stage, frac, scratch=scratch, unfreeze=unfreeze), stage,
-                                       msg or stage, now - start)
+                                       msg or stage, now - start,
+                                       stage_time_left(frac, now - began[stage], budget_left))
                 elif kind == "epoch":
                     _, arm, record = item
                     history.setdefault(arm, []).append(record)

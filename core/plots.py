@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import PercentFormatter  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from .summary import ARM_TITLES  # noqa: E402
@@ -31,10 +32,10 @@ def learning_curves(runs: dict[str, dict], target: float | None = None) -> Figur
             ax.axvline(run["time_to_target_seconds"], color=color, ls=":", lw=1)
     if target is not None:
         ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.0%}")
-    ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlim(left=0)
-    ax.set_xlabel("wall-clock seconds since the run started (log scale)")
-    ax.set_ylabel("validation accuracy")
+    ax.set_xlabel("seconds since the arm started training")
+    ax.set_ylabel("validation images right")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
@@ -61,7 +62,8 @@ def efficiency(curve: dict) -> Figure:
                    label=f"target {curve['target_accuracy']:.0%}")
     ax.set_xscale("log")
     ax.set_xlabel("labelled training images per class (log scale; the last point: all)")
-    ax.set_ylabel(f"accuracy on the {curve['val_images']} validation images")
+    ax.set_ylabel(f"right on the {curve['val_images']} validation images")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=8)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,8 +42,10 @@ def run_file_names() -> frozenset[str]:
                       *(state_dict_file(arm) for arm in ARMS), *models_})
 
 
-def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool = True) -> dict:
-    """Write every artifact of a compare run into ``out_dir``; returns ``{name: path}``."""
+def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool = True,
+              on_step: Callable[[float, str], None] | None = None) -> dict:
+    """Write every artifact of a compare run into ``out_dir``; returns ``{name: path}``. ``on_step(fraction,
+    words)``: told as each export step starts."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
@@ -62,7 +65,7 @@ def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool
         }
         write_json_atomic(staging / CONFIG, report["config"])
         if export and "pretrained" in result.runs:
-            report["export"] = _export(result, staging)
+            report["export"] = _export(result, staging, on_step)
         names = sorted({p.name for p in staging.iterdir()} | {REPORT})
         report["artifacts"]["files"] = names
         write_json_atomic(staging / REPORT, report)
@@ -83,7 +86,7 @@ def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool
     return {name: out / name for name in names}
 
 
-def _export(result: CompareResult, staging: Path) -> dict:
+def _export(result: CompareResult, staging: Path, on_step: Callable[[float, str], None] | None = None) -> dict:
     """ONNX export of the pretrained arm, verified against PyTorch: a failed parity check raises, so the run's
     files are not moved into place (the folder keeps its earlier artifacts)."""
     from export.runs import export_run
@@ -101,4 +104,5 @@ def _export(result: CompareResult, staging: Path) -> dict:
         val_images_uint8=result.val.crops,
         val_labels=result.val.labels,
         calib_images_uint8=result.train.crops,  # the calibrator picks its subset (export.quantize)
+        on_step=on_step,
     )

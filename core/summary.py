@@ -109,6 +109,26 @@ def repeat_rows(report: dict) -> list[tuple[str, dict[str, str]]]:
 
 ARM_NAMES = {"pretrained": "Pretrained", "scratch": "From scratch"}
 
+GLOSSARY = """
+- **Pretrained (frozen backbone + new head):** a network already trained on ImageNet's 1.2 million photos turns each
+  image into features; only a small new last layer (the *head*) learns your classes.
+- **From scratch:** the same network starting from random weights, learning everything from your images alone.
+- **Epoch:** one pass over the training images. **Time budget:** each arm stops when it is used up.
+- **Validation images:** set aside and never trained on; every score is measured on them. **Selection images:** a
+  few training images set aside to pick which epoch to keep. **Test images:** a second untouched set, when you
+  provide one.
+- **Accuracy:** the share of validation images classified right. **Balanced accuracy:** the same, averaged per class,
+  so a rare class counts as much as a common one.
+- **Precision** of a class: of the images called that class, the share that really are. **Recall:** of the images
+  that are that class, the share found. **F1:** one number combining the two. *Macro*: averaged over classes.
+- **(91.0–97.1):** the 95% interval: with this few validation images, the true accuracy is likely in this range.
+- **Paired test (McNemar):** counts the images one arm gets right and the other wrong; a small *p* (below 0.05)
+  means the difference is unlikely to be luck.
+- **Chance / guessing:** the accuracy of always answering the most common class.
+- **ONNX:** a file format for trained networks that many programs run without PyTorch; **onnxruntime** runs it, on
+  the CPU or a GPU (the *provider*).
+"""
+
 
 def epochs_cell(report: dict, run: dict) -> str:
     """"7 / 15", or "1 / 1.4 of 10 (time limit)" when the budget stopped the arm."""
@@ -223,7 +243,7 @@ def per_class_table(report: dict) -> pd.DataFrame:
             pc = run["per_class"].get(cls, {})
             row["support"] = pc.get("support")
             for k in ("precision", "recall", "f1"):
-                row[f"{arm} {k}"] = round(float(pc.get(k, 0.0)), 3)
+                row[f"{arm} {k}"] = f"{float(pc.get(k, 0.0)):.1%}"
         rows.append(row)
     df = pd.DataFrame(rows)
     return df[["class", "support", *[c for c in df.columns if c not in ("class", "support")]]]

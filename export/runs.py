@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,11 @@ def report_key(training_mode: str) -> str:
 def export_run(run_dir: str | os.PathLike[str], classifier: models.Classifier, *, classes: list[str], backbone: str,
                image_size: int, training_mode: str, metrics: dict | None, val_images_uint8: np.ndarray | None,
                val_labels: np.ndarray | list[int] | None, calib_images_uint8: np.ndarray | None,
-               tolerance: float = 0.01, variants: tuple[str, ...] | None = None) -> dict[str, Any]:
+               tolerance: float = 0.01, variants: tuple[str, ...] | None = None,
+               on_step: Callable[[float, str], None] | None = None) -> dict[str, Any]:
     """Export one arm of a run to ``run_dir`` (FP32 + accepted variants, and for the pretrained arm, the one to
-    deploy, its Triton repository as a zip); return its ``report.json`` section.
+    deploy, its Triton repository as a zip); return its ``report.json`` section. ``on_step(fraction, words)`` is
+    told as each step starts.
 
     Store the result under ``report[report_key(training_mode)]``. Paths in it are relative to ``run_dir``.
     """
@@ -58,15 +61,20 @@ def export_run(run_dir: str | os.PathLike[str], classifier: models.Classifier, *
         raise ValueError(f"backbone {backbone!r} does not match the classifier's backbone {classifier.spec.name!r}.")
     run_dir = Path(run_dir)
     path = run_dir / model_filename(training_mode)
+    step = on_step or (lambda fraction, words: None)
+    step(0.0, "export: tracing the network to ONNX and checking it against PyTorch")
     result = export_classifier(classifier, path, image_size=image_size, classes=classes,
                                training_mode=training_mode, metrics=metrics, parity_images=val_images_uint8)
     if val_images_uint8 is None:
         val_images_uint8, val_labels = np.zeros((0, image_size, image_size, 3), np.uint8), []
+    step(0.6, "export: building the smaller/faster variants and checking their accuracy")
     built = build_variants(path, calib_images_uint8, val_images_uint8, val_labels if val_labels is not None else [],
                            tolerance=tolerance, variants=variants)
     for record in built:
         if record["path"]:
             record["path"] = os.path.relpath(record["path"], run_dir)
+    if training_mode == "pretrained":
+        step(0.9, "export: packing the Triton model repository")
     return {
         "training_mode": training_mode,
         "model": path.name,

@@ -1,0 +1,36 @@
+"""A training job as a stream of events: export steps, time left, one counter in the status line."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.config import TrainConfig
+from core.data import load_dataset
+from core.jobs import Finished, Progress, TrainingJob, stage_time_left, status_line
+
+
+def test_time_left_follows_the_pace_and_never_exceeds_the_budget():
+    assert stage_time_left(0.25, 10.0) == pytest.approx(30.0)  # a quarter done in 10 s: 30 s to go
+    assert stage_time_left(0.01, 10.0) is None  # too early to tell
+    assert stage_time_left(0.25, 10.0, budget_left=12.0) == pytest.approx(12.0)  # the budget stops it sooner
+    assert stage_time_left(0.01, 0.5, budget_left=40.0) == pytest.approx(40.0)
+    assert stage_time_left(0.5, 10.0, budget_left=-3.0) == 0.0
+
+
+def test_status_line_names_the_stage_and_time_once():
+    line = status_line(Progress(0.5, "scratch", "scratch epoch 3/10, batch 2/5", 42.4, 17.6))
+    assert line == "⏳ Scratch arm: training: 42 s so far, about 18 s left in this step."
+    assert "3/10" not in line  # the counts stay in the bar's own text
+
+
+def test_the_export_reports_its_steps_in_order(tmp_path, lab_cache):
+    ds = load_dataset("sample:shapes?per_class=8&size=32")
+    cfg = TrainConfig(image_size=32, epochs=1, device="cpu", batch_size=16, train_scratch=False, budget_seconds=30)
+    job = TrainingJob(ds, cfg, tmp_path / "run", progress_interval=0.0)
+    events = list(job.events())
+    assert isinstance(events[-1], Finished)
+    steps = [e.message for e in events if isinstance(e, Progress) and e.stage == "export"]
+    tracing = next(i for i, m in enumerate(steps) if "tracing" in m)
+    variants = next(i for i, m in enumerate(steps) if "variants" in m)
+    assert tracing < variants
+    assert any(e.left is not None for e in events if isinstance(e, Progress) and e.stage == "pretrained")
