@@ -31,7 +31,14 @@ import models
 from core import plots, sessions, summary, text
 from core.bench_view import benchmark_md, benchmark_table, throughput_figure
 from core.data import Dataset
-from core.data_view import active_dataset, dataset_gallery, dataset_summary, dataset_warnings, skipped_table
+from core.data_view import (
+    active_dataset,
+    dataset_gallery,
+    dataset_summary,
+    dataset_warnings,
+    skipped_table,
+    validation_examples,
+)
 from core.device import describe_device, resolve_device
 from core.features import warm_up_feature_engine
 from core.jobs import Cancelled, Epoch, Failed, Finished, Progress, TrainingJob, epoch_line, live_runs, status_line
@@ -165,16 +172,17 @@ def _session_limit(group: str, n_inputs: int, what: str):
 
 # -------- Data tab ---------------------------------------------------------------------------------------------
 
-DATA_OUTPUTS = ("state", "summary", "counts_plot", "gallery", "skipped", "warnings", "preset", "active")
+DATA_OUTPUTS = ("state", "summary", "counts_plot", "gallery", "skipped", "warnings", "preset", "active", "examples")
 
 
 def _loaded(state: dict, label: str, ds: Dataset, sample: str | None = None) -> tuple:
     """The Data tab for a newly loaded dataset; the sample menu is emptied for an upload (the page names one
     dataset), and ``state["sample"]`` remembers which sample is loaded."""
     state["dataset"], state["source"], state["sample"] = ds, label, sample
+    examples, state["examples"] = validation_examples(ds)
     return (state, dataset_summary(ds, label), plots.detached(plots.class_counts, ds.counts()), dataset_gallery(ds),
             skipped_table(ds), dataset_warnings(ds), gr.skip() if sample else gr.update(value=None),
-            active_dataset(ds, label))
+            active_dataset(ds, label), examples)
 
 
 def load_sample(choice: str, state: dict | None, request: gr.Request = None) -> tuple:
@@ -382,6 +390,24 @@ def predict(state: dict | None, model_choice: str | None, image: Any, files: Any
         return classify(predictor, load_images(named, predictor), path.name)
 
 
+def predict_example(state: dict | None, model_choice: str | None, event: gr.SelectData) -> tuple:
+    """Classify the validation image clicked in the Predict tab's examples (by its index: the files stay
+    server-side). Outputs as ``predict``, the true class first in the info."""
+    state = _state(state)
+    examples = state.get("examples") or []
+    if not isinstance(event.index, int) or not 0 <= event.index < len(examples):
+        raise _fail("That example is gone: the dataset changed. Pick another one.", title="No image")
+    with _errors_shown_as("No model", state):
+        SESSIONS.folder(state)
+        path = SESSIONS.model_path(state, model_choice)
+    item = examples[event.index]
+    with _errors_shown_as("Prediction failed", state):
+        predictor = PREDICTORS.get(path, inference_device())
+        label, info, table = classify(predictor, load_images([(item.name, item)], predictor), path.name)
+    truth = state["dataset"].classes[next(i.label for i in state["dataset"].items if i.path == item)]
+    return label, f"True class: **{text.md(truth)}**\n\n{info}", table
+
+
 def example_snippet() -> str:
     """The Export tab's example: ``export/example_predict.py`` itself, so it can never drift from the real one."""
     return (Path(__file__).resolve().parent / "export" / "example_predict.py").read_text(encoding="utf-8")
@@ -539,6 +565,9 @@ def _predict_tab() -> dict[str, Any]:
                                      image_mode=None,
                                      sources=["upload", "webcam", "clipboard"], height=280, elem_id="predict-image")
             c["predict_btn"] = gr.Button("🔎 Predict", variant="primary", elem_id="predict-btn")
+            c["examples"] = gr.Gallery(label="…or click one of your validation images (after training)", columns=4,
+                                       height=220, format="png", object_fit="contain", allow_preview=False,
+                                       elem_id="predict-examples")
             with gr.Accordion("Classify several images at once", open=False):
                 c["files_in"] = gr.File(label="Images", file_count="multiple", file_types=["image"], type="filepath",
                                         elem_id="predict-files")
@@ -636,6 +665,8 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurre
     wide = dict(concurrency_limit=predict_concurrency, concurrency_id="predict",
                 validator=_session_limit("predict", len(predict_io[0]), "prediction"))
     c["predict_btn"].click(predict, *predict_io, api_name="predict", **wide)
+    c["examples"].select(predict_example, [state, c["model_choice"]], predict_io[1], api_visibility="private", **{
+        **wide, "validator": _session_limit("predict", 2, "prediction")})
     for upload in (c["image_in"].upload, c["files_in"].upload):
         upload(predict, *predict_io, api_visibility="private", **wide)
     c["onnx_in"].upload(upload_model, [c["onnx_in"], state], [state, c["model_choice"], c["predict_info"]],

@@ -4,6 +4,7 @@ pitfalls to check before training (class imbalance, train/validation duplicates)
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pandas as pd
 from PIL import Image
@@ -35,6 +36,22 @@ def active_dataset(ds: Dataset | None, label: str | None) -> str:
     where = " / ".join(f"{n} {'validation' if s == 'val' else s}" for s, n in counts.items() if n)
     return (f"**Dataset:** {md(label or ds.root.name)} · {len(ds.classes)} classes · {where} images "
             "· change it on the **Data** tab")
+
+
+def validation_examples(ds: Dataset, limit: int = 8) -> tuple[list[tuple[Image.Image, str]], list[Path]]:
+    """A few validation images, classes taken in turn, for the Predict tab: ``(thumbnail, "true: class")`` pairs
+    for the gallery and the files they show (kept server-side: a click names an index, never a path)."""
+    val = ds.split("val")
+    by_class = [[it for it in val if it.label == ci] for ci in range(len(ds.classes))]
+    picked = [group[i] for i in range(limit) for group in by_class if i < len(group)][:limit]
+    shown, paths = [], []
+    for item in picked:
+        try:
+            shown.append((thumbnail(item.path), plain(f"true: {ds.classes[item.label]}", 80)))
+            paths.append(item.path)
+        except Exception:  # noqa: BLE001 - an example is optional and must never break the page
+            log.warning("validation example %s skipped", item.path.name, exc_info=True)
+    return shown, paths
 
 
 def thumbnail(path, size: int = 112) -> Image.Image:

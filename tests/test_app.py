@@ -13,6 +13,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pytest
@@ -284,6 +285,20 @@ def test_the_data_efficiency_curve_from_the_train_tab(app_root):
     assert list(table.columns) == ["per class", "training images", "pretrained"]
     assert table["per class"].iloc[0] == "1" and table["per class"].iloc[-1] == "all"
     assert "validation images" in out["eff_md"]
+
+
+def test_predict_offers_validation_examples_that_classify_on_click(trained):
+    examples = trained["loaded"]["examples"]
+    assert 3 <= len(examples) <= 8
+    captions = [caption for _, caption in examples]
+    assert {c.removeprefix("true: ") for c in captions} == {"circle", "square", "triangle"}  # classes in turn
+    state = trained["state"]
+    event = SimpleNamespace(index=1)
+    label, info, table = app.predict_example(state, "run:fp32", event)
+    assert set(label) <= {"circle", "square", "triangle"} and len(table) == 1
+    assert info.startswith(f"True class: **{captions[1].removeprefix('true: ')}**")
+    with pytest.raises(gr.Error, match="example is gone"):
+        app.predict_example(state, "run:fp32", SimpleNamespace(index=99))
 
 
 def test_cancel_stops_training(app_root, trained):
