@@ -29,7 +29,9 @@ import gradio as gr
 
 import models
 from core import plots, sessions, summary, text
+from core.bench_view import COLUMNS as BENCH_COLUMNS
 from core.bench_view import benchmark_md, benchmark_table, throughput_figure
+from core.config import TrainConfig
 from core.data import Dataset
 from core.data_view import (
     active_dataset,
@@ -46,7 +48,14 @@ from core.predict_view import classify, load_images, model_description
 from core.queue_limits import QueueLimits
 from core.runtime.errors import UserError, os_error_message
 from core.samples import DEFAULT_PRESET, PRESETS
-from core.train_form import backbone_choices, default_image_size, device_choices, inference_device, make_config
+from core.train_form import (
+    backbone_choices,
+    default_image_size,
+    device_choices,
+    inference_device,
+    make_config,
+    run_estimate,
+)
 from export.runs import model_filename
 from export.variants import VARIANTS, variant_path
 
@@ -55,6 +64,7 @@ log = logging.getLogger("transfer_lab.app")
 # An uploaded model passed a structural check (core.runtime.model_check) that bounds its cost; this stops a call
 # anyway. The largest legitimate export (resnet18, 512 px) takes ~20 s for 64 images on a 2-core CPU.
 UPLOAD_TIME_LIMIT_S = 30.0
+DEFAULT_BUDGET_S = 60  # the form's budget per arm: the sample's pretrained arm needs seconds, scratch gets a fair minute
 MAX_BUDGET_S = 300  # default --max-budget: 5x the form's default; one job holds the training slot ~10 min at most
 # Requests one session may have waiting or running per queue group, checked when a request joins the queue, so
 # one visitor cannot fill the queue (or the training slot) and leave the others "Queue is full".
@@ -230,6 +240,7 @@ TRAIN_OUTPUTS = (
     "state", "status", "log", "curves", "speedup", "results", "verdicts", "confusion", "per_class", "mistakes",
     "diagnostics", "threshold_group", "positive", "threshold", "threshold_md", "threshold_cm", "export_md",
     *DOWNLOADS.values(), "dl_triton", "dl_report", "parity", "model_choice", "train_btn", "cancel_btn",
+    "live_box", "results_box",  # shown once they have something to show
 )
 _IDLE = dict(train_btn=gr.update(interactive=True), cancel_btn=gr.update(interactive=False))
 
@@ -284,6 +295,7 @@ def train(state: dict | None, backbone: str, epochs: float, budget: float | None
                  f"image size: {cfg.image_size or 'auto'}  device: {cfg.device}"]
     with SESSIONS.busy(state["sid"]), closing(job.events()) as events:
         yield _out(TRAIN_OUTPUTS, state=state, status="🚀 Training started…", log=log_lines[0], curves=None,
+                   live_box=gr.update(visible=True),
                    speedup="", results=None, verdicts="", confusion=None, per_class=None, mistakes=None,
                    diagnostics="", threshold_group=gr.update(visible=False), train_btn=gr.update(interactive=False),
                    cancel_btn=gr.update(interactive=True))
@@ -309,7 +321,8 @@ def train(state: dict | None, backbone: str, epochs: float, budget: float | None
     progress(1.0, desc="done")
     views = results_views(finished.result.report, finished.result, finished.run_dir, state)
     log_lines.append(f"finished in {finished.elapsed:.1f} s; files in the Export tab")
-    yield _out(TRAIN_OUTPUTS, state=state, log="\n".join(log_lines), **views, **_IDLE)
+    yield _out(TRAIN_OUTPUTS, state=state, log="\n".join(log_lines), **views, **_IDLE,
+               results_box=gr.update(visible=True))
 
 
 def results_views(report: dict, result, run_dir: Path, state: dict) -> dict[str, Any]:
@@ -487,10 +500,12 @@ def _train_settings(image_size: int) -> dict[str, Any]:
     with gr.Row():
         c["train_btn"] = gr.Button("🚀 Train", variant="primary", elem_id="train-btn", scale=2)
         c["cancel_btn"] = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel-btn", scale=1)
+    c["estimate"] = gr.Markdown(run_estimate(DEFAULT_BUDGET_S, True, cap), elem_id="run-estimate")
     c.update(
         backbone=gr.Dropdown(backbone_choices(), value=models.DEFAULT_BACKBONE, label="Backbone", elem_id="backbone"),
-        epochs=gr.Slider(1, 50, value=10, step=1, label="Epochs (cap for each arm)", elem_id="epochs"),
-        budget=gr.Number(value=60, minimum=0, maximum=cap or None, elem_id="budget",
+        epochs=gr.Slider(1, 50, value=TrainConfig().epochs, step=1, label="Epochs (cap for each arm)",
+                         elem_id="epochs"),
+        budget=gr.Number(value=DEFAULT_BUDGET_S, minimum=0, maximum=cap or None, elem_id="budget",
                          label=f"Time budget per arm (seconds, at most {cap:g}; 0 = {cap:g})" if cap else
                          "Time budget per arm (seconds, 0 = none)"),
         image_size=gr.Slider(32, 320, value=image_size, step=8, label="Image size (pixels)", elem_id="image-size",
@@ -518,12 +533,32 @@ def _train_tab(image_size: int) -> dict[str, Any]:
         with gr.Column(scale=2, min_width=400):
             c["status"] = gr.Markdown("Ready: click **Train**.", elem_id="train-status", min_height=72, container=True,
                                       padding=True)
-            c["curves"] = gr.Plot(label="Learning curves (live)", show_label=False, elem_id="curves")
-            c["log"] = gr.Textbox(label="Per-epoch log", lines=6, max_lines=12, autoscroll=True, interactive=False,
-                                  elem_id="train-log")
+            with gr.Column(visible=False) as c["live_box"]:  # appears when training starts
+                c["curves"] = gr.Plot(label="Learning curves (live)", show_label=False, elem_id="curves")
+                c["log"] = gr.Textbox(label="Per-epoch log", lines=6, max_lines=12, autoscroll=True,
+                                      interactive=False, elem_id="train-log")
+    with gr.Column(visible=False) as c["results_box"]:  # appears with the first results
+        c.update(_results())
+    with gr.Accordion("What the words mean", open=False, elem_id="glossary"):
+        gr.Markdown(summary.GLOSSARY)
+    with gr.Accordion("How many images do you need?", open=False, elem_id="efficiency"):
+        gr.Markdown("Train on 1, 2, 5, 10, 25, 50 and all of your images per class and see each arm's accuracy on the "
+                    "same validation images. Uses the settings above with a frozen backbone; the pretrained points "
+                    "take seconds, the scratch points share one time budget.")
+        c["eff_btn"] = gr.Button("📈 Draw the curve", elem_id="eff-btn")
+        c["eff_plot"] = gr.Plot(show_label=False, elem_id="eff-plot")
+        c["eff_md"] = gr.Markdown(elem_id="eff-md")
+        c["eff_table"] = gr.Dataframe(headers=["per class", "training images"], interactive=False,
+                                      label="Accuracy (95% interval) by training images per class", elem_id="eff-table")
+    return c
+
+
+def _results() -> dict[str, Any]:
+    c: dict[str, Any] = {}
     gr.Markdown("## Results")
     c["speedup"] = gr.Markdown(elem_id="speedup")
-    c["results"] = gr.Dataframe(label="Side by side (validation set)", interactive=False, elem_id="results-table")
+    c["results"] = gr.Dataframe(headers=["metric"], label="Side by side (validation set)", interactive=False,
+                                elem_id="results-table")
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             c["verdicts"] = gr.Markdown(elem_id="verdicts")
@@ -537,21 +572,12 @@ def _train_tab(image_size: int) -> dict[str, Any]:
             c["threshold"] = gr.Slider(0.01, 0.99, value=0.5, step=0.01, label="Threshold", scale=3,
                                        elem_id="threshold")
         c["threshold_md"] = gr.Markdown(elem_id="threshold-md")
-        c["threshold_cm"] = gr.Dataframe(label="Confusion matrix at this threshold", interactive=False)
-    c["per_class"] = gr.Dataframe(label="Per-class report (validation set)", interactive=False, elem_id="per-class")
+        c["threshold_cm"] = gr.Dataframe(headers=["true \\ predicted"], label="Confusion matrix at this threshold",
+                                         interactive=False)
+    c["per_class"] = gr.Dataframe(headers=["class", "support"], label="Per-class report (validation set)",
+                                  interactive=False, elem_id="per-class")
     c["mistakes"] = gr.Gallery(label="Misclassified validation images (true → predicted, confidence)", columns=6,
                                height=300, format="png", object_fit="contain", elem_id="mistakes", fit_columns=False)
-    with gr.Accordion("What the words mean", open=False, elem_id="glossary"):
-        gr.Markdown(summary.GLOSSARY)
-    with gr.Accordion("How many images do you need?", open=False, elem_id="efficiency"):
-        gr.Markdown("Train on 1, 2, 5, 10, 25, 50 and all of your images per class and see each arm's accuracy on the "
-                    "same validation images. Uses the settings above with a frozen backbone; the pretrained points "
-                    "take seconds, the scratch points share one time budget.")
-        c["eff_btn"] = gr.Button("📈 Draw the curve", elem_id="eff-btn")
-        c["eff_plot"] = gr.Plot(show_label=False, elem_id="eff-plot")
-        c["eff_md"] = gr.Markdown(elem_id="eff-md")
-        c["eff_table"] = gr.Dataframe(label="Accuracy (95% interval) by training images per class", interactive=False,
-                                      elem_id="eff-table")
     return c
 
 
@@ -577,7 +603,8 @@ def _predict_tab() -> dict[str, Any]:
         with gr.Column(scale=1, min_width=320):
             c["label_out"] = gr.Label(num_top_classes=5, label="Prediction (top-k)", elem_id="predict-label")
             c["predict_info"] = gr.Markdown(elem_id="predict-info")
-            c["batch_df"] = gr.Dataframe(label="All images", interactive=False, elem_id="predict-table")
+            c["batch_df"] = gr.Dataframe(headers=["image", "prediction", "probability", "top-k"], label="All images",
+                                         interactive=False, elem_id="predict-table")
     return c
 
 
@@ -590,7 +617,8 @@ def _export_tab() -> dict[str, Any]:
                                           elem_id=output.replace("_", "-"))
         c["dl_triton"] = gr.DownloadButton("⬇️ Triton repository (.zip)", visible=False, elem_id="dl-triton")
         c["dl_report"] = gr.DownloadButton("⬇️ report.json", visible=False, elem_id="dl-report")
-    c["parity"] = gr.Dataframe(label="Checks: parity with PyTorch and accuracy of the variants", interactive=False,
+    c["parity"] = gr.Dataframe(headers=["model", "check", "result", "details"], interactive=False,
+                               label="Checks: parity with PyTorch and accuracy of the variants",
                                wrap=True, elem_id="parity")
     gr.Markdown("### Use the model without PyTorch\nOnly `onnxruntime`, `numpy` and `Pillow` are needed:")
     gr.Code(example_snippet(), language="python", interactive=False, elem_id="snippet")
@@ -598,12 +626,14 @@ def _export_tab() -> dict[str, Any]:
 
 
 def _bench_tab() -> dict[str, Any]:
-    gr.Markdown("Time the exported model: PyTorch eager vs onnxruntime FP32 vs INT8, at batch size 1 and 16, on "
-                "this server. Runs in the training queue so timings are not disturbed.")
+    gr.Markdown("Time the exported model: PyTorch eager vs onnxruntime (FP32, and the smaller variants the export "
+                "kept), at batch size 1 and 16, on this server. Runs in the training queue so timings are not "
+                "disturbed.")
     return dict(bench_btn=gr.Button("⏱️ Run benchmark", variant="primary", elem_id="bench-btn"),
                 bench_md=gr.Markdown(elem_id="bench-md"),
                 bench_plot=gr.Plot(label="Throughput", show_label=False, elem_id="bench-plot"),
-                bench_df=gr.Dataframe(label="Timings", interactive=False, elem_id="bench-table"))
+                bench_df=gr.Dataframe(headers=BENCH_COLUMNS, label="Timings", interactive=False,
+                                      elem_id="bench-table"))
 
 
 def build_app(session_root_dir: str | os.PathLike[str] | None = None, *, concurrency: int = 1,
@@ -654,6 +684,9 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurre
         concurrency_limit=concurrency, concurrency_id="train", show_progress_on=[c["status"]],
         validator=_session_limit("train", len(train_inputs), "training"))
     c["cancel_btn"].click(cancel_training, [state], [c["status"]], queue=False, api_name="cancel")
+    for field in (c["budget"], c["scratch"]):
+        field.change(lambda budget, scratch: run_estimate(budget, scratch, LIMITS["max_budget"]),
+                     [c["budget"], c["scratch"]], [c["estimate"]], queue=False, api_visibility="private")
     c["backbone"].change(unfreeze_range, [c["backbone"]], [c["unfreeze"]], queue=False, api_visibility="private")
     threshold_io = ([state, c["positive"], c["threshold"]], [c["threshold_md"], c["threshold_cm"]])
     c["threshold"].input(update_threshold, *threshold_io, api_name="threshold", concurrency_limit=None,

@@ -53,3 +53,14 @@ def make_config(backbone: str, epochs: float, budget: float | None, image_size: 
         "backbone": backbone, "epochs": epochs, "budget_seconds": budget or None, "image_size": image_size or None,
         "target_accuracy": target, "device": device, "seed": seed or 0, "train_scratch": bool(scratch),
         "unfreeze_blocks": unfreeze or 0, "repeats": repeats or 1})
+
+
+def run_estimate(budget: float | None, scratch: bool, max_budget: float | None = None) -> str:
+    """A line under the Train button: how long training can take with this budget (each arm stops at it)."""
+    limit = budget or max_budget
+    if not limit:
+        return "⏱️ No time budget: each arm trains for all its epochs (minutes on a CPU for the scratch arm)."
+    total = limit * (2 if scratch else 1)
+    span = f"{total:g} s" if total < 120 else f"{total / 60:.1f} minutes"
+    return (f"⏱️ Each arm stops at its {limit:g} s budget, so training takes at most about {span}; then the model "
+            "is exported and checked (under a minute).")
