@@ -87,6 +87,9 @@ CSS = """
 #verdicts .good {color: #15803d; font-weight: 600}
 #verdicts .fair {color: #b45309; font-weight: 600}
 #verdicts .poor {color: #b91c1c; font-weight: 600}
+/* gallery captions ("true → predicted 92%") wrap in full instead of being cut with an ellipsis */
+#mistakes .caption-label, #data-gallery .caption-label, #predict-examples .caption-label {
+  white-space: normal; overflow-wrap: anywhere; max-width: 100%; left: 0}
 """
 
 

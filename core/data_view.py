@@ -33,7 +33,8 @@ def active_dataset(ds: Dataset | None, label: str | None) -> str:
     if ds is None:
         return "**Dataset:** none loaded yet: pick a sample or upload a `.zip` on the **Data** tab."
     counts = {s: sum(c.values()) for s, c in ds.counts().items()}
-    where = " / ".join(f"{n} {'validation' if s == 'val' else s}" for s, n in counts.items() if n)
+    words = {"train": "training", "val": "validation", "test": "test"}
+    where = " / ".join(f"{n} {words.get(s, s)}" for s, n in counts.items() if n)
     return (f"**Dataset:** {md(label or ds.root.name)} · {len(ds.classes)} classes · {where} images "
             "· change it on the **Data** tab")
 

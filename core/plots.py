@@ -61,7 +61,10 @@ def efficiency(curve: dict) -> Figure:
         ax.axhline(curve["target_accuracy"], color="grey", ls="--", lw=1,
                    label=f"target {curve['target_accuracy']:.0%}")
     ax.set_xscale("log")
-    ax.set_xlabel("labelled training images per class (log scale; the last point: all)")
+    ticks = {p["per_class_n"]: p["per_class"].removesuffix(" per class") for p in curve["points"]}
+    ax.set_xticks(list(ticks), [f"all\n({n:g})" if label == "all" else label for n, label in ticks.items()])
+    ax.minorticks_off()
+    ax.set_xlabel("labelled training images per class (log scale)")
     ax.set_ylabel(f"right on the {curve['val_images']} validation images")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_ylim(0, 1.02)

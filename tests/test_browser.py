@@ -63,15 +63,37 @@ def test_sample_train_predict_export_in_chromium(server, tmp_path):
         if shots_dir and keep:
             shutil.copyfile(tmp_path / f"{name}.png", Path(shots_dir) / f"{name}.png")
 
+    def in_viewport(page, selector: str) -> bool:
+        box = page.locator(selector).bounding_box()
+        size = page.viewport_size
+        return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= size["height"] \
+            and box["x"] + box["width"] <= size["width"]
+
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
+            # The first screen, on a phone and on a laptop: the active dataset and the Train button, no scrolling.
+            for name, viewport in (("first_screen_phone", {"width": 390, "height": 844}),
+                                   ("first_screen", {"width": 1400, "height": 900})):
+                first = browser.new_context(viewport=viewport).new_page()
+                first.goto(url)
+                expect(first.locator("#active-dataset")).to_contain_text("shapes (balanced)", timeout=90_000)
+                expect(first.locator("#train-btn")).to_be_visible()
+                assert in_viewport(first, "#train-btn"), f"{name}: the Train button is below the fold"
+                assert in_viewport(first, "#active-dataset"), f"{name}: the dataset line is below the fold"
+                first.screenshot(path=str(tmp_path / f"{name}.png"))
+                if shots_dir:
+                    shutil.copyfile(tmp_path / f"{name}.png", Path(shots_dir) / f"{name}.png")
+                first.context.close()
+
             context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
             page = context.new_page()
             page.set_default_timeout(60_000)
             page.goto(url)
 
             # Data: the default sample is loaded on page open; pick the tiny one by typing its spec.
+            expect(page.locator("#active-dataset")).to_contain_text("shapes (balanced)", timeout=90_000)
+            page.get_by_role("tab", name="2 · Data").click()
             expect(page.locator("#data-summary")).to_contain_text("shapes (balanced)", timeout=90_000)
             if not docs_mode:
                 box = page.locator("#preset input")
@@ -84,7 +106,9 @@ def test_sample_train_predict_export_in_chromium(server, tmp_path):
             shot(page, "data")
 
             # Train & compare: tiny settings, both arms.
-            page.get_by_role("tab", name="2 · Train & compare").click()
+            page.get_by_role("tab", name="1 · Train & compare").click()
+            if not docs_mode:
+                expect(page.locator("#active-dataset")).to_contain_text("18 training / 6 validation")
             # Docs mode keeps the app's defaults (what a newcomer sees); the test itself uses tiny settings.
             settings = {} if docs_mode else {"#epochs": "2", "#image-size": "32"}
             for selector, value in settings.items():
@@ -97,11 +121,13 @@ def test_sample_train_predict_export_in_chromium(server, tmp_path):
                 budget.press("Tab")
             expect(page.locator("#scratch input[type=checkbox]")).to_be_checked()
             for _ in range(2 if docs_mode else 1):  # docs: a second run, so one-time caches do not skew timings
+                clicked = time.perf_counter()
                 page.click("#train-btn")
                 expect(page.locator("#train-status")).not_to_contain_text("Done", timeout=30_000)
                 expect(page.locator("#train-log textarea")).to_have_value(re.compile("pretrained epoch"),
                                                                           timeout=120_000)
                 expect(page.locator("#train-status")).to_contain_text("Done", timeout=240_000)
+                print(f"click to results: {time.perf_counter() - clicked:.1f} s")  # shown with pytest -s
             table = page.locator("#results-table")
             expect(table).to_contain_text("validation accuracy")
             expect(table).to_contain_text("pretrained backbone + new head")
@@ -110,6 +136,8 @@ def test_sample_train_predict_export_in_chromium(server, tmp_path):
             expect(page.locator("#curves [data-testid=matplotlib] img")).to_be_visible()
             expect(page.locator("#confusion [data-testid=matplotlib] img")).to_be_visible()
             expect(page.locator("#verdicts")).to_contain_text("Verdicts")
+            expect(page.locator("#speedup")).to_contain_text(re.compile(r"Pretrained: \d+% correct"))
+            expect(page.locator("#speedup")).to_contain_text(re.compile(r"From scratch: \d+% correct"))
             expect(page.locator("#train-btn")).to_be_enabled()
             page.mouse.move(0, 0)
             time.sleep(0.5)
@@ -125,6 +153,9 @@ def test_sample_train_predict_export_in_chromium(server, tmp_path):
             label_text = page.locator("#predict-label").inner_text()
             assert any(c in label_text for c in ("circle", "square", "triangle")), label_text
             expect(page.locator("#predict-info")).to_contain_text(" ms")
+            # ...or click one of the dataset's validation images
+            page.locator("#predict-examples .thumbnail-item").first.click()
+            expect(page.locator("#predict-info")).to_contain_text("True class")
             shot(page, "predict")
 
             # Export: download model.onnx and run it with onnxruntime.
