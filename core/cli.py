@@ -244,8 +244,14 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
     budget = eff.DEFAULT_SCRATCH_BUDGET if args.scratch_budget is None else args.scratch_budget
     arms = ("pretrained",) if budget <= 0 or not cfg.train_scratch else ("pretrained", "scratch")
     start = time.perf_counter()
+    from core.train import Callbacks
+
+    def progress(stage: str, fraction: float, message: str) -> None:
+        if message.endswith("decoding images"):  # once per point and draw: "scratch, 5 per class, draw 2/3: ..."
+            print(f"[{time.perf_counter() - start:6.0f} s] {message.removesuffix(': decoding images')}", flush=True)
+
     curve = eff.efficiency_curve(ds, cfg, sizes=args.sizes or eff.SIZES, draws=args.draws or eff.DEFAULT_DRAWS,
-                                 scratch_budget=budget, arms=arms)
+                                 scratch_budget=budget, arms=arms, callbacks=Callbacks(progress=progress))
     curve["seconds"] = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
