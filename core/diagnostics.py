@@ -132,18 +132,21 @@ def duplicate_hashes_across_splits(items) -> dict:
 CHANCE_MARGIN = 0.02  # within 2 points of always answering the most common class counts as guessing
 
 
-def overfitting(history: list[dict], t: Thresholds = DEFAULT, *, chance: float | None = None) -> dict:
+def overfitting(history: list[dict], t: Thresholds = DEFAULT, *, chance: float | None = None,
+                reported: float | None = None) -> dict:
     """Generalisation gap at the end, and validation loss rising while training loss falls. ``chance``: the
-    validation accuracy of always answering the most common class; a model never clearly above it has not learned,
-    and is flagged as such instead of being called free of overfitting."""
+    validation accuracy of always answering the most common class; a model whose ``reported`` accuracy (the epoch
+    kept; default: its best epoch) is not clearly above it has not learned, and is flagged as such instead of being
+    judged for overfitting."""
     if not history:
         return {"flagged": False, "message": "No epochs were run."}
     best_acc = max(h["val_accuracy"] for h in history)
-    if chance is not None and best_acc <= chance + CHANCE_MARGIN:
+    kept = best_acc if reported is None else reported
+    if chance is not None and kept <= chance + CHANCE_MARGIN:
         return {"flagged": True, "at_chance": True, "accuracy_gap": None, "best_val_loss_epoch": None,
-                "message": f"Validation accuracy never rose above {best_acc:.1%}, no better than guessing "
-                           f"({chance:.1%} by always answering the most common class): this model has not learned "
-                           "yet, so overfitting cannot be judged. Give it more epochs or more time."}
+                "message": f"Validation accuracy {kept:.1%} is no better than guessing ({chance:.1%} by always "
+                           "answering the most common class): this model has not learned yet, so overfitting "
+                           "cannot be judged. Give it more epochs or more time."}
     last = history[-1]
     gap = last["train_accuracy"] - last["val_accuracy"]
     best = min(history, key=lambda h: h["val_loss"])

@@ -632,6 +632,7 @@ def _subset(p: PreparedImages, lo: int, hi: int) -> PreparedImages:
 
 def _diagnostics(dataset: Dataset, classes, train, val, test, results: dict[str, RunResult], runs: dict) -> dict:
     train_counts = dataset.counts()["train"]
+    chance = float(np.bincount(val.labels).max() / len(val.labels))  # always answering the most common class
     main_arm = "pretrained" if "pretrained" in runs else next(iter(runs))
     features = results["pretrained"].extra.get("features") if "pretrained" in results else None
     train_features, other_features = (features["train"], features["other"]) if features else (None, None)
@@ -645,7 +646,6 @@ def _diagnostics(dataset: Dataset, classes, train, val, test, results: dict[str,
         "imbalance": diagnostics.imbalance(train_counts, val.labels, runs[main_arm], classes),
         "leakage": diagnostics.leakage(rel(train.files), train.hashes, rel(other_files), other_hashes,
                                        train_features, other_features),
-        "overfitting": {arm: diagnostics.overfitting(run["history"], chance=float(np.bincount(val.labels).max()
-                                                                                   / len(val.labels)))
+        "overfitting": {arm: diagnostics.overfitting(run["history"], chance=chance, reported=run["val_accuracy"])
                         for arm, run in runs.items()},
     }

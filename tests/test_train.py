@@ -396,6 +396,9 @@ def test_a_model_at_chance_is_flagged_as_not_learned_not_called_free_of_overfitt
     assert "No sign" not in out["message"]
     learned = [{**h, "val_accuracy": 0.9, "train_accuracy": 0.92} for h in guessing]
     assert not diagnostics.overfitting(learned, chance=1 / 3)["flagged"]
+    # one lucky epoch above chance does not count when the epoch kept is at chance
+    lucky = guessing[:2] + [{**guessing[2], "val_accuracy": 0.4}]
+    assert diagnostics.overfitting(lucky, chance=1 / 3, reported=0.333)["at_chance"]
     (title, flagged, _), = diagnostic_items({"diagnostics": {"overfitting": {"scratch": out}}})
     assert title == "Not learned yet (scratch)" and flagged
 
