@@ -61,6 +61,6 @@ def run_estimate(budget: float | None, scratch: bool, max_budget: float | None =
     if not limit:
         return "⏱️ No time budget: each arm trains for all its epochs (minutes on a CPU for the scratch arm)."
     total = limit * (2 if scratch else 1)
-    span = f"{total:g} s" if total < 120 else f"{total / 60:.1f} minutes"
+    span = f"{total:g} s" if total < 120 else f"{total / 60:.3g} minutes"
     return (f"⏱️ Each arm stops at its {limit:g} s budget, so training takes at most about {span}; then the model "
             "is exported and checked (under a minute).")
