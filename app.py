@@ -64,7 +64,7 @@ log = logging.getLogger("transfer_lab.app")
 # An uploaded model passed a structural check (core.runtime.model_check) that bounds its cost; this stops a call
 # anyway. The largest legitimate export (resnet18, 512 px) takes ~20 s for 64 images on a 2-core CPU.
 UPLOAD_TIME_LIMIT_S = 30.0
-DEFAULT_BUDGET_S = 60  # the form's budget per arm: the sample's pretrained arm needs seconds, scratch gets a fair minute
+DEFAULT_BUDGET_S = 60  # per arm in the form: the sample's pretrained arm needs seconds, scratch gets a minute
 MAX_BUDGET_S = 300  # default --max-budget: 5x the form's default; one job holds the training slot ~10 min at most
 # Requests one session may have waiting or running per queue group, checked when a request joins the queue, so
 # one visitor cannot fill the queue (or the training slot) and leave the others "Queue is full".
@@ -417,8 +417,9 @@ def predict_example(state: dict | None, model_choice: str | None, event: gr.Sele
         SESSIONS.folder(state)
         path = SESSIONS.model_path(state, model_choice)
     item = examples[event.index]
+    limit = UPLOAD_TIME_LIMIT_S if model_choice == UPLOADED_MODEL else None  # as in predict: a stranger's model
     with _errors_shown_as("Prediction failed", state):
-        predictor = PREDICTORS.get(path, inference_device())
+        predictor = PREDICTORS.get(path, inference_device(), time_limit=limit)
         label, info, table = classify(predictor, load_images([(item.name, item)], predictor), path.name)
     truth = state["dataset"].classes[next(i.label for i in state["dataset"].items if i.path == item)]
     return label, f"True class: **{text.md(truth)}**\n\n{info}", table
