@@ -436,9 +436,9 @@ EFFICIENCY_OUTPUTS = ("status", "eff_md", "eff_plot", "eff_table", "train_btn", 
 def data_efficiency(state: dict | None, backbone: str, epochs: float, budget: float | None, image_size: float | None,
                     target: float, device: str, scratch: bool, seed: float | None = 0, unfreeze: float | None = 0,
                     repeats: float | None = 1, progress: gr.Progress = gr.Progress(),  # noqa: B008
-                    request: gr.Request = None) -> tuple:
+                    request: gr.Request = None) -> Iterator[tuple]:
     """The data-efficiency curve (``core.efficiency``) with the form's settings and a frozen backbone; scratch
-    points stop at one time budget in all. ``EFFICIENCY_OUTPUTS``."""
+    points stop at one time budget in all. Yields a status when it starts, then the curve. ``EFFICIENCY_OUTPUTS``."""
     state = _state(state, request)
     if state.get("dataset") is None:
         raise _fail("Load a dataset first (Data tab): pick a sample or upload a .zip.", title="No data")
@@ -449,14 +449,17 @@ def data_efficiency(state: dict | None, backbone: str, epochs: float, budget: fl
     from core.train import Callbacks, TrainingCancelled
 
     callbacks = Callbacks(progress=lambda stage, frac, msg: progress(frac, desc=msg), cancel=state["cancel"])
+    scratch_budget = LIMITS["max_budget"] or DEFAULT_SCRATCH_BUDGET
+    scratch_note = f"; scratch points take up to {scratch_budget / 60:.3g} minutes in all" if cfg.train_scratch else ""
+    yield _out(EFFICIENCY_OUTPUTS, status=f"⏳ Drawing the curve: the pretrained points take seconds{scratch_note}.")
     with _errors_shown_as("The curve failed", state), SESSIONS.busy(state["sid"]):
         try:
-            curve = efficiency_curve(state["dataset"], cfg, callbacks=callbacks,
-                                     scratch_budget=LIMITS["max_budget"] or DEFAULT_SCRATCH_BUDGET)
+            curve = efficiency_curve(state["dataset"], cfg, callbacks=callbacks, scratch_budget=scratch_budget)
         except TrainingCancelled:
-            return _out(EFFICIENCY_OUTPUTS, status="🛑 Cancelled.", **_IDLE)
-    return _out(EFFICIENCY_OUTPUTS, status="✅ Curve done.", eff_md=efficiency_text(curve),
-                eff_plot=plots.detached(plots.efficiency, curve), eff_table=efficiency_frame(curve), **_IDLE)
+            yield _out(EFFICIENCY_OUTPUTS, status="🛑 Cancelled.", **_IDLE)
+            return
+    yield _out(EFFICIENCY_OUTPUTS, status="✅ Curve done: see below the results.", eff_md=efficiency_text(curve),
+               eff_plot=plots.detached(plots.efficiency, curve), eff_table=efficiency_frame(curve), **_IDLE)
 
 
 def benchmark(state: dict | None, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008

@@ -65,7 +65,7 @@ def status_line(event: Progress) -> str:
     """The status above the bar: the stage in words, time so far and, once known, time left in this stage (the
     counts stay in the bar's own text, so the page shows one counter)."""
     left = f", about {event.left:.0f} s left in this step" if event.left is not None else ""
-    return f"⏳ {STAGE_WORDS.get(event.stage, event.stage)}: {event.elapsed:.0f} s so far{left}."
+    return f"⏳ {STAGE_WORDS.get(event.stage, event.stage)} ({event.elapsed:.0f} s since you pressed Train{left})."
 
 
 @dataclass(frozen=True)

@@ -153,14 +153,14 @@ def headline(report: dict) -> str:
     parts = []
     for arm, run in runs.items():
         guessing = " (no better than guessing)" if at_chance(report, arm) else ""
-        correct = f"{run['val_accuracy']:.0%} correct{guessing}"
+        correct = f"{run['val_accuracy']:.1%} correct{guessing}"  # as in the table
         done = run.get("epochs_done", run.get("epochs_run"))
         if run.get("stopped_by_budget") and budget:
             how = f"when the {budget:g} s time limit stopped it after {done:g} of {planned} epochs"
         else:
             how = f"after {sec(run['train_seconds'])} ({done:g} epochs)"
         parts.append(f"{ARM_NAMES.get(arm, arm)}: **{correct}** {how}.")
-    lead = f"With the same {budget:g} s each. " if budget and len(runs) == 2 else ""
+    lead = f"With a time budget of {budget:g} s for each arm. " if budget and len(runs) == 2 else ""
     return lead + " ".join(parts)
 
 

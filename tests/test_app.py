@@ -278,8 +278,9 @@ def test_repeats_from_the_advanced_panel_show_mean_and_spread(app_root):
 def test_the_data_efficiency_curve_from_the_train_tab(app_root):
     state = data_out(app.load_sample(TINY, app.new_session()))["state"]
     state, *_ = app.arm_training(state)
-    out = dict(zip(app.EFFICIENCY_OUTPUTS, app.data_efficiency(state, **{**FAST, "scratch": False},
-                                                                progress=_NoProgress())))
+    started, *_, last = app.data_efficiency(state, **{**FAST, "scratch": False}, progress=_NoProgress())
+    assert dict(zip(app.EFFICIENCY_OUTPUTS, started))["status"].startswith("⏳ Drawing the curve")
+    out = dict(zip(app.EFFICIENCY_OUTPUTS, last))
     assert out["status"].startswith("✅") and out["eff_plot"] is not None
     table = out["eff_table"]
     assert list(table.columns) == ["per class", "training images", "pretrained"]

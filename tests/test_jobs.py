@@ -19,7 +19,7 @@ def test_time_left_follows_the_pace_and_never_exceeds_the_budget():
 
 def test_status_line_names_the_stage_and_time_once():
     line = status_line(Progress(0.5, "scratch", "scratch epoch 3/10, batch 2/5", 42.4, 17.6))
-    assert line == "⏳ Scratch arm: training: 42 s so far, about 18 s left in this step."
+    assert line == "⏳ Scratch arm: training (42 s since you pressed Train, about 18 s left in this step)."
     assert "3/10" not in line  # the counts stay in the bar's own text
 
 
