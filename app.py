@@ -391,15 +391,23 @@ def upload_model(file: Any, state: dict | None) -> tuple:
 def predict(state: dict | None, model_choice: str | None, image: Any, files: Any = None) -> tuple:
     """Classify one image (and/or several files). Outputs: label (top-k dict), info markdown, batch table."""
     state = _state(state)
-    with _errors_shown_as("No model", state):
-        SESSIONS.folder(state)  # keeps an active session from being swept as idle
-        path = SESSIONS.model_path(state, model_choice)
+    path = _model_for(state, model_choice)
     file_list = files if isinstance(files, list | tuple) else ([files] if files else [])
     # The Image component gives a file path (so the file is decoded here, bounded); Python callers may pass a PIL image.
     named = [] if image is None else [("image", _upload_path(image) if isinstance(image, str | os.PathLike) else image)]
     named += [(_upload_name(f, p), p) for f in file_list if (p := _upload_path(f)) is not None]
     if not named:
         raise _fail("Upload an image (or paste one / use the webcam) to classify.", title="No image")
+    return _classify(state, model_choice, path, named)
+
+
+def _model_for(state: dict, model_choice: str | None) -> Path:
+    with _errors_shown_as("No model", state):
+        SESSIONS.folder(state)  # keeps an active session from being swept as idle
+        return SESSIONS.model_path(state, model_choice)
+
+
+def _classify(state: dict, model_choice: str | None, path: Path, named: list[tuple[str, Any]]) -> tuple:
     limit = UPLOAD_TIME_LIMIT_S if model_choice == UPLOADED_MODEL else None  # a stranger's model is stopped
     with _errors_shown_as("Prediction failed", state):
         predictor = PREDICTORS.get(path, inference_device(), time_limit=limit)
@@ -413,14 +421,9 @@ def predict_example(state: dict | None, model_choice: str | None, event: gr.Sele
     examples = state.get("examples") or []
     if not isinstance(event.index, int) or not 0 <= event.index < len(examples):
         raise _fail("That example is gone: the dataset changed. Pick another one.", title="No image")
-    with _errors_shown_as("No model", state):
-        SESSIONS.folder(state)
-        path = SESSIONS.model_path(state, model_choice)
+    path = _model_for(state, model_choice)
     item = examples[event.index]
-    limit = UPLOAD_TIME_LIMIT_S if model_choice == UPLOADED_MODEL else None  # as in predict: a stranger's model
-    with _errors_shown_as("Prediction failed", state):
-        predictor = PREDICTORS.get(path, inference_device(), time_limit=limit)
-        label, info, table = classify(predictor, load_images([(item.name, item)], predictor), path.name)
+    label, info, table = _classify(state, model_choice, path, [(item.name, item)])
     truth = state["dataset"].classes[next(i.label for i in state["dataset"].items if i.path == item)]
     return label, f"True class: **{text.md(truth)}**\n\n{info}", table
 

@@ -238,6 +238,7 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
     from core import efficiency as eff
     from core import plots
     from core.runtime.files import atomic_write, write_json_atomic
+    from core.text import columns
 
     cfg = config_from_args(args)
     ds = load_from_args(args, seed=cfg.seed)
@@ -258,9 +259,7 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
     write_json_atomic(out / "efficiency.json", curve)
     figure = plots.efficiency(curve)
     atomic_write(out / "efficiency.png", lambda tmp: plots.save(figure, tmp, format="png"))
-    rows = eff.efficiency_table(curve)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))
+    print(columns(eff.efficiency_table(curve)))
     for skip in curve["skipped"]:
         print(f"skipped: {skip['arm']} at {skip['per_class']} ({skip['reason']})")
     print(f"accuracy on {curve['val_images']} validation images; {curve['interval']}; {curve['seconds']:.1f} s in all")

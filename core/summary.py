@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from core.stats import McNemarResult
-from core.text import md, plain
+from core.text import columns, md, plain
 from export.variants import VARIANTS, variant_path
 
 ARM_TITLES = {"pretrained": "pretrained backbone + new head", "scratch": "from scratch (same network)"}
@@ -283,9 +283,7 @@ def summary_text(report: dict) -> str:
     that were flagged (the app shows the same, as tables and Markdown)."""
     runs = report["runs"]
     rows = [("", *runs)] + [(label, *values.values()) for label, values in comparison_rows(report)]
-    print_first = headline(report).replace("**", "")
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [print_first, ""] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = [headline(report).replace("**", ""), "", columns(rows)]
     lines.append(_speedup_sentence(report).replace("**", "").removeprefix("⚡ "))
     lines += [text for text in (comparison_text(report), selection_text(report)) if text]
     lines += [f"{arm} verdict: {r['verdict']['label']} ({'; '.join(r['verdict']['reasons'])})"

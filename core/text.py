@@ -40,3 +40,9 @@ def md(text: Any, max_chars: int = MAX_CHARS) -> str:
     heading, table or code span can be made from it)."""
     escaped = _html.escape(plain(text, max_chars), quote=False)
     return _MD_SPECIAL.sub(r"\\\1", escaped)
+
+
+def columns(rows: list[tuple[str, ...]] | list[list[str]]) -> str:
+    """Rows of strings as left-aligned columns two spaces apart, for a terminal (first row: the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 from core.config import TrainConfig  # noqa: E402
 from core.data import load_dataset  # noqa: E402
 from core.efficiency import efficiency_curve, efficiency_table  # noqa: E402
+from core.text import columns  # noqa: E402
 from core.train import run_compare  # noqa: E402
 
 
@@ -41,9 +42,7 @@ def main() -> int:
     curve = efficiency_curve(dataset, cfg, arms=("pretrained",))
     curve_s = time.perf_counter() - start
 
-    rows = efficiency_table(curve)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))
+    print(columns(efficiency_table(curve)))
     fits = sum(len(p["draws"]) for p in curve["points"])
     print(f"\ncompare, pretrained arm only: {compare_s:.1f} s (val accuracy "
           f"{compare.report['runs']['pretrained']['val_accuracy']:.1%})")
