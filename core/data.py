@@ -69,12 +69,8 @@ class Dataset:
         by_class: dict[str, list[tuple[Path, str]]] = {c: [] for c in self.classes}
         for it in self.items:
             by_class[self.classes[it.label]].append((it.path, it.sha256))
-        assigned = _stratified_split(by_class, self.fractions, seed)
-        label = {c: i for i, c in enumerate(self.classes)}
-        items = [Item(path=path, label=label[cls], split=split, sha256=digest)
-                 for split in SPLITS for cls in self.classes
-                 for path, digest in sorted(assigned.get(split, {}).get(cls, []), key=lambda e: e[0].as_posix())]
-        return dataclasses.replace(self, items=items)
+        return dataclasses.replace(self, items=_items(_stratified_split(by_class, self.fractions, seed),
+                                                      self.classes))
 
     def split(self, name: str) -> list[Item]:
         """Items of one split (``train``, ``val`` or ``test``)."""
@@ -271,6 +267,13 @@ def _too_few(cls: str, have: int, need: int, where: str, detail: str, skipped_in
     )
 
 
+def _items(assigned: dict[str, dict[str, list[tuple[Path, str]]]], classes: list[str]) -> list[Item]:
+    """``Item``s in a stable order (split, then class, then path) from ``{split: {class: [(path, sha256)]}}``."""
+    return [Item(path=path, label=label, split=split, sha256=digest)
+            for split in SPLITS for label, cls in enumerate(classes)
+            for path, digest in sorted(assigned.get(split, {}).get(cls, []), key=lambda e: e[0].as_posix())]
+
+
 def _stratified_split(
     files: dict[str, list[tuple[Path, str]]],
     fractions: dict[str, float],
@@ -394,8 +397,6 @@ def load_dataset(
             skipped.append(Skipped(path.relative_to(root).as_posix(), reason))
             bad_per_class[cls] += 1
 
-    label = {c: i for i, c in enumerate(classes)}
-    items: list[Item] = []
     drawn: dict[str, float] = {}  # the shares of a split drawn at random from all images (see Dataset.resplit)
     if fixed:
         predefined = "val" in fixed
@@ -446,10 +447,7 @@ def load_dataset(
         assigned = _stratified_split(good["all"], fractions, seed)
         drawn = fractions
 
-    for split in SPLITS:
-        for cls in classes:
-            for path, digest in sorted(assigned.get(split, {}).get(cls, []), key=lambda e: e[0].as_posix()):
-                items.append(Item(path=path, label=label[cls], split=split, sha256=digest))
+    items = _items(assigned, list(classes))
     skipped.sort(key=lambda s: s.file)
     return Dataset(
         source=str(src),
