@@ -53,9 +53,9 @@ STAGE_WORDS = {"decode": "Reading the images", "features": "Pretrained arm: comp
 
 
 def stage_time_left(fraction: float, stage_elapsed: float, budget_left: float | None = None) -> float | None:
-    """Seconds left in a stage at its current pace (None until 2% and one second in), never more than what is
-    left of the arm's time budget."""
-    pace = stage_elapsed * (1 - fraction) / fraction if fraction >= 0.02 and stage_elapsed >= 1 else None
+    """Seconds left in a stage at its current pace (None until 5% and three seconds in: earlier paces jump), never
+    more than what is left of the arm's time budget."""
+    pace = stage_elapsed * (1 - fraction) / fraction if fraction >= 0.05 and stage_elapsed >= 3 else None
     if budget_left is None:
         return pace
     return max(0.0, budget_left if pace is None else min(pace, budget_left))

@@ -11,9 +11,9 @@ from core.jobs import Finished, Progress, TrainingJob, stage_time_left, status_l
 
 def test_time_left_follows_the_pace_and_never_exceeds_the_budget():
     assert stage_time_left(0.25, 10.0) == pytest.approx(30.0)  # a quarter done in 10 s: 30 s to go
-    assert stage_time_left(0.01, 10.0) is None  # too early to tell
+    assert stage_time_left(0.01, 10.0) is None and stage_time_left(0.5, 2.0) is None  # too early to tell
     assert stage_time_left(0.25, 10.0, budget_left=12.0) == pytest.approx(12.0)  # the budget stops it sooner
-    assert stage_time_left(0.01, 0.5, budget_left=40.0) == pytest.approx(40.0)
+    assert stage_time_left(0.01, 0.5, budget_left=40.0) == pytest.approx(40.0)  # early: the budget alone
     assert stage_time_left(0.5, 10.0, budget_left=-3.0) == 0.0
 
 
