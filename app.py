@@ -39,11 +39,23 @@ from core.data_view import (
     dataset_summary,
     dataset_warnings,
     skipped_table,
+    thumbnail,
     validation_examples,
 )
 from core.device import describe_device, resolve_device
 from core.features import warm_up_feature_engine
-from core.jobs import Cancelled, Epoch, Failed, Finished, Progress, TrainingJob, epoch_line, live_runs, status_line
+from core.jobs import (
+    Cancelled,
+    Epoch,
+    Failed,
+    Finished,
+    KeptRuns,
+    Progress,
+    TrainingJob,
+    epoch_line,
+    live_runs,
+    status_line,
+)
 from core.predict_view import classify, load_images, model_description
 from core.queue_limits import QueueLimits
 from core.runtime.errors import UserError, os_error_message
@@ -93,6 +105,14 @@ CSS = """
 """
 
 
+# A finished run's headline sits below the settings (far below on a phone): bring it into view, unless the run was
+# cancelled (the status then says so) or the visitor is on another tab (the element is hidden: nothing moves).
+SCROLL_TO_RESULTS = """() => {
+  if ((document.querySelector('#train-status')?.innerText || '').includes('Done'))
+    document.querySelector('#speedup')?.scrollIntoView({behavior: 'smooth', block: 'start'});
+}"""
+
+
 # -------- Sessions and errors ----------------------------------------------------------------------------------
 
 def new_session() -> dict[str, Any]:
@@ -101,7 +121,13 @@ def new_session() -> dict[str, Any]:
 
 
 configure = SESSIONS.configure  # the folder that holds every session's folder
-delete_session = SESSIONS.delete  # gr.State's delete callback: the session's folder and cached predictors go
+KEPT = KeptRuns()  # each session's latest run, in memory, while its scratch arm can be given more time
+
+
+def delete_session(state: dict) -> None:
+    """gr.State's delete callback: the session's folder, cached predictors and kept run go."""
+    KEPT.drop((state or {}).get("sid"))
+    SESSIONS.delete(state)
 
 
 def _state(state: Any, request: gr.Request | None = None) -> dict:
@@ -235,7 +261,7 @@ def on_unload(request: gr.Request = None) -> None:
     SESSIONS.closed(getattr(request, "session_hash", None))
 
 
-# -------- Train & compare tab ----------------------------------------------------------------------------------
+# -------- Train tab ----------------------------------------------------------------------------------------------
 
 TRAIN_INPUTS = ("backbone", "epochs", "budget", "image_size", "target", "device", "scratch", "seed", "unfreeze",
                 "repeats")
@@ -243,7 +269,7 @@ TRAIN_OUTPUTS = (
     "state", "status", "log", "curves", "speedup", "results", "verdicts", "confusion", "per_class", "mistakes",
     "diagnostics", "threshold_group", "positive", "threshold", "threshold_md", "threshold_cm", "export_md",
     *DOWNLOADS.values(), "dl_triton", "dl_report", "parity", "model_choice", "train_btn", "cancel_btn",
-    "live_box", "results_box",  # shown once they have something to show
+    "live_box", "results_box", "more_box", "more_md",  # shown once they have something to show
 )
 _IDLE = dict(train_btn=gr.update(interactive=True), cancel_btn=gr.update(interactive=False))
 
@@ -278,8 +304,7 @@ def cancel_training(state: dict | None) -> str:
 
 def train(state: dict | None, backbone: str, epochs: float, budget: float | None, image_size: float | None,
           target: float, device: str, scratch: bool, seed: float | None = 0, unfreeze: float | None = 0,
-          repeats: float | None = 1,
-          progress: gr.Progress = gr.Progress(), request: gr.Request = None) -> Iterator[tuple]:  # noqa: B008
+          repeats: float | None = 1, request: gr.Request = None) -> Iterator[tuple]:
     """Train both arms (``core.jobs``) and stream progress; the last update holds every result. ``TRAIN_OUTPUTS``."""
     state = _state(state, request)
     if state.get("dataset") is None:
@@ -293,19 +318,57 @@ def train(state: dict | None, backbone: str, epochs: float, budget: float | None
         return
     with _errors_shown_as("Cannot train now", state):
         SESSIONS.reserve(state, sessions.TRAIN_RUN_BYTES)
+    KEPT.drop(state["sid"])  # a new run replaces the kept one: free its memory before training
     job = TrainingJob(state["dataset"], cfg, SESSIONS.new_run_dir(state), state["cancel"])
     log_lines = [f"dataset: {state.get('source')}  backbone: {cfg.backbone}  epochs: {cfg.epochs}  "
                  f"image size: {cfg.image_size or 'auto'}  device: {cfg.device}"]
+    first = dict(status="🚀 Training started…", curves=None, speedup="", results=None, verdicts="", confusion=None,
+                 per_class=None, mistakes=None, diagnostics="", threshold_group=gr.update(visible=False),
+                 more_box=gr.update(visible=False))
+    yield from _stream(state, job, log_lines, first)
+
+
+def more_time(state: dict | None, request: gr.Request = None) -> Iterator[tuple]:
+    """Give the scratch arm of this session's run its time budget again: it goes on from where the budget stopped
+    it (``core.train.continue_arm``), the curves continue, and the results and files are updated. ``TRAIN_OUTPUTS``."""
+    state = _state(state, request)
+    kept = KEPT.get(state["sid"], state.get("run_dir"))
+    if kept is None:
+        raise _fail("This run can no longer go on: the server keeps only the latest runs in memory. Press Train to "
+                    "train again (with a larger time budget for scratch to get further).", "Cannot go on")
+    if state["cancel"].is_set():
+        state["cancel"] = threading.Event()
+        yield _out(TRAIN_OUTPUTS, state=state, status="🛑 Cancelled before training started.", **_IDLE)
+        return
+    seconds = more_seconds(kept.cfg)
+    with _errors_shown_as("Cannot train now", state):
+        SESSIONS.reserve(state, sessions.TRAIN_RUN_BYTES, replaces=Path(state["run_dir"]))
+    job = TrainingJob(kept.dataset, kept.cfg, Path(state["run_dir"]), state["cancel"], resume=kept,
+                      more_seconds=seconds)
+    done = kept.report["runs"]["scratch"]["epochs_done"]
+    log_lines = [f"scratch: {seconds:g} s more, from epoch {done:g} of {kept.cfg.epochs}"]
+    first = dict(status=f"🚀 Scratch arm: {seconds:g} s more…", more_box=gr.update(visible=False),
+                 curves=plots.detached(plots.learning_curves, live_runs(job.history(), kept.cfg.target_accuracy),
+                                       kept.cfg.target_accuracy))
+    yield from _stream(state, job, log_lines, first)
+
+
+def more_seconds(cfg: TrainConfig) -> float:
+    """How much more time "give scratch more time" adds: the run's own budget (or the server's cap, or the form's
+    default budget when neither is set)."""
+    return float(cfg.budget_seconds or LIMITS["max_budget"] or DEFAULT_BUDGET_S)
+
+
+def _stream(state: dict, job: TrainingJob, log_lines: list[str], first: dict) -> Iterator[tuple]:
+    """Run ``job`` and stream it into ``TRAIN_OUTPUTS``: ``first`` at once, then the status, log and live curves,
+    then every result (a kept run, when its scratch arm can go on)."""
+    cfg = job.cfg
     with SESSIONS.busy(state["sid"]), closing(job.events()) as events:
-        yield _out(TRAIN_OUTPUTS, state=state, status="🚀 Training started…", log=log_lines[0], curves=None,
-                   live_box=gr.update(visible=True),
-                   speedup="", results=None, verdicts="", confusion=None, per_class=None, mistakes=None,
-                   diagnostics="", threshold_group=gr.update(visible=False), train_btn=gr.update(interactive=False),
-                   cancel_btn=gr.update(interactive=True))
+        yield _out(TRAIN_OUTPUTS, state=state, log="\n".join(log_lines), live_box=gr.update(visible=True),
+                   train_btn=gr.update(interactive=False), cancel_btn=gr.update(interactive=True), **first)
         for event in events:  # Progress and Epoch while it runs, then one of Finished, Failed, Cancelled
-            if isinstance(event, Progress):
-                progress(event.overall, desc=event.message)
-                yield _out(TRAIN_OUTPUTS, status=status_line(event))
+            if isinstance(event, Progress):  # the status is the only progress display: Gradio's own bar would
+                yield _out(TRAIN_OUTPUTS, status=status_line(event))  # flash over it with a second timer
             elif isinstance(event, Epoch):
                 log_lines.append(epoch_line(event.arm, event.record, cfg.epochs))
                 curves = plots.detached(plots.learning_curves, live_runs(event.history, cfg.target_accuracy),
@@ -313,19 +376,22 @@ def train(state: dict | None, backbone: str, epochs: float, budget: float | None
                 yield _out(TRAIN_OUTPUTS, log="\n".join(log_lines), curves=curves)
     if isinstance(event, Cancelled):
         state["cancel"] = threading.Event()
-        yield _out(TRAIN_OUTPUTS, state=state, status="🛑 Training cancelled. Change the settings and train again.",
-                   log="\n".join([*log_lines, "cancelled"]), **_IDLE)
+        again = ("🛑 Cancelled: the results below are as they were." if job.resume is not None
+                 else "🛑 Training cancelled. Change the settings and train again.")
+        yield _out(TRAIN_OUTPUTS, state=state, status=again, log="\n".join([*log_lines, "cancelled"]), **_IDLE,
+                   more_box=gr.update(visible=job.resume is not None and KEPT.can_continue(job.resume)))
         return
     if isinstance(event, Failed):
         raise _error(event.error, "Training failed", state, "Try a smaller image size or fewer epochs.")
     finished: Finished = event
     state["run_dir"] = str(finished.run_dir)
     SESSIONS.prune_runs(finished.run_dir.parent)
-    progress(1.0, desc="done")
     views = results_views(finished.result.report, finished.result, finished.run_dir, state)
+    kept = KEPT.keep(state["sid"], finished.run_dir, finished.result)
     log_lines.append(f"finished in {finished.elapsed:.1f} s; files in the Export tab")
     yield _out(TRAIN_OUTPUTS, state=state, log="\n".join(log_lines), **views, **_IDLE,
-               results_box=gr.update(visible=True))
+               results_box=gr.update(visible=True), more_box=gr.update(visible=kept),
+               more_md=summary.more_time_text(finished.result.report, more_seconds(cfg)) if kept else "")
 
 
 def results_views(report: dict, result, run_dir: Path, state: dict) -> dict[str, Any]:
@@ -416,7 +482,8 @@ def _classify(state: dict, model_choice: str | None, path: Path, named: list[tup
 
 def predict_example(state: dict | None, model_choice: str | None, event: gr.SelectData) -> tuple:
     """Classify the validation image clicked in the Predict tab's examples (by its index: the files stay
-    server-side). Outputs as ``predict``, the true class first in the info."""
+    server-side). Outputs as ``predict``, the true class first in the info, then the image (shown in the input box,
+    so you see which one was classified)."""
     state = _state(state)
     examples = state.get("examples") or []
     if not isinstance(event.index, int) or not 0 <= event.index < len(examples):
@@ -425,7 +492,8 @@ def predict_example(state: dict | None, model_choice: str | None, event: gr.Sele
     item = examples[event.index]
     label, info, table = _classify(state, model_choice, path, [(item.name, item)])
     truth = state["dataset"].classes[next(i.label for i in state["dataset"].items if i.path == item)]
-    return label, f"True class: **{text.md(truth)}**\n\n{info}", table
+    shown = thumbnail(item, 448)  # re-encoded, never the uploaded file itself
+    return label, f"True class: **{text.md(truth)}**\n\n{info}", table, shown
 
 
 def example_snippet() -> str:
@@ -567,6 +635,9 @@ def _results() -> dict[str, Any]:
     c: dict[str, Any] = {}
     gr.Markdown("## Results")
     c["speedup"] = gr.Markdown(elem_id="speedup")
+    with gr.Row(visible=False, elem_id="more-box", equal_height=True) as c["more_box"]:  # scratch stopped by its budget
+        c["more_md"] = gr.Markdown(elem_id="more-md")
+        c["more_btn"] = gr.Button("⏩ Give scratch more time", elem_id="more-btn", scale=0, min_width=220)
     c["results"] = gr.Dataframe(headers=["metric"], label="Side by side (validation set)", interactive=False,
                                 elem_id="results-table")
     with gr.Row(equal_height=False):
@@ -657,10 +728,10 @@ def build_app(session_root_dir: str | os.PathLike[str] | None = None, *, concurr
         c: dict[str, Any] = {"state": gr.State(new_session, delete_callback=delete_session)}
         gr.Markdown(INTRO)
         with gr.Tabs(selected="train"):  # the first screen: the active dataset and the Train button
-            for tab_id, title, make in (("train", "1 · Train & compare", lambda: _train_tab(default_image_size())),
-                                        ("data", "2 · Data", _data_tab),
-                                        ("predict", "3 · Predict", _predict_tab), ("export", "4 · Export", _export_tab),
-                                        ("bench", "5 · Benchmark", _bench_tab)):
+            # Short titles: all five fit a phone's width instead of hiding behind a "•••" menu.
+            for tab_id, title, make in (("train", "Train", lambda: _train_tab(default_image_size())),
+                                        ("data", "Data", _data_tab), ("predict", "Predict", _predict_tab),
+                                        ("export", "Export", _export_tab), ("bench", "Benchmark", _bench_tab)):
                 with gr.Tab(title, id=tab_id):
                     c.update(make())
         _wire(demo, c, concurrency, predict_concurrency)
@@ -687,12 +758,18 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurre
     c["train_btn"].click(arm_training, [state], [state, c["status"], c["train_btn"], c["cancel_btn"]], queue=False,
                          api_visibility="private").success(
         train, train_inputs, train_out, api_name="train", concurrency_limit=concurrency, concurrency_id="train",
-        show_progress_on=[c["status"]], validator=_session_limit("train", len(train_inputs), "training"))
+        show_progress_on=[c["status"]], validator=_session_limit("train", len(train_inputs), "training")).success(
+        None, js=SCROLL_TO_RESULTS)
     c["eff_btn"].click(arm_training, [state], [state, c["status"], c["train_btn"], c["cancel_btn"]], queue=False,
                        api_visibility="private").success(
         data_efficiency, train_inputs, [c[n] for n in EFFICIENCY_OUTPUTS], api_name="efficiency",
         concurrency_limit=concurrency, concurrency_id="train", show_progress_on=[c["status"]],
         validator=_session_limit("train", len(train_inputs), "training"))
+    c["more_btn"].click(arm_training, [state], [state, c["status"], c["train_btn"], c["cancel_btn"]], queue=False,
+                        api_visibility="private").success(
+        more_time, [state], train_out, api_name="more_time", concurrency_limit=concurrency, concurrency_id="train",
+        show_progress_on=[c["status"]], validator=_session_limit("train", 1, "training")).success(
+        None, js=SCROLL_TO_RESULTS)
     c["cancel_btn"].click(cancel_training, [state], [c["status"]], queue=False, api_name="cancel")
     for field in (c["budget"], c["scratch"]):
         field.change(lambda budget, scratch: run_estimate(budget, scratch, LIMITS["max_budget"]),
@@ -708,7 +785,8 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurre
     wide = dict(concurrency_limit=predict_concurrency, concurrency_id="predict",
                 validator=_session_limit("predict", len(predict_io[0]), "prediction"))
     c["predict_btn"].click(predict, *predict_io, api_name="predict", **wide)
-    c["examples"].select(predict_example, [state, c["model_choice"]], predict_io[1], api_visibility="private", **{
+    c["examples"].select(predict_example, [state, c["model_choice"]], [*predict_io[1], c["image_in"]],
+                         api_visibility="private", **{
         **wide, "validator": _session_limit("predict", 2, "prediction")})
     for upload in (c["image_in"].upload, c["files_in"].upload):
         upload(predict, *predict_io, api_visibility="private", **wide)

@@ -17,6 +17,7 @@ import queue
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +62,15 @@ def stage_time_left(fraction: float, stage_elapsed: float, budget_left: float | 
     return max(0.0, budget_left if pace is None else min(pace, budget_left))
 
 
-def status_line(event: Progress) -> str:
-    """The status above the bar: the stage in words, time so far and, once known, time left in this stage (the
-    counts stay in the bar's own text, so the page shows one counter)."""
-    left = f", about {event.left:.0f} s left in this step" if event.left is not None else ""
-    return f"⏳ {STAGE_WORDS.get(event.stage, event.stage)} ({event.elapsed:.0f} s since you pressed Train{left})."
+def status_line(event: Progress, width: int = 20) -> str:
+    """The status while a job runs, the page's only progress display: the stage in words and, once known, the time
+    left in it; below, one bar for the whole run with its percentage and the time so far (the stage's counts stay in
+    the per-epoch log)."""
+    left = f" · about {event.left:.0f} s left in this step" if event.left is not None else ""
+    filled = min(width, max(0, round(event.overall * width)))
+    bar = "▰" * filled + "▱" * (width - filled)
+    return (f"⏳ **{STAGE_WORDS.get(event.stage, event.stage)}**{left}\n\n"
+            f"`{bar}` {event.overall:.0%} of the run · {event.elapsed:.0f} s so far")
 
 
 @dataclass(frozen=True)
@@ -118,13 +123,19 @@ def epoch_line(arm: str, record: dict, epochs: int) -> str:
 
 @dataclass
 class TrainingJob:
-    """Train and compare on ``dataset`` with ``cfg``, then write the run (with its ONNX export) into ``run_dir``."""
+    """Train and compare on ``dataset`` with ``cfg``, then write the run (with its ONNX export) into ``run_dir``.
+
+    With ``resume`` (a ``CompareResult`` written into ``run_dir``), give its scratch arm ``more_seconds`` instead
+    (``core.train.continue_arm``) and rewrite the run, keeping its export (the pretrained arm did not change). A
+    resumed job that fails or is cancelled leaves the run as it was."""
 
     dataset: Dataset
     cfg: TrainConfig
     run_dir: Path
     cancel_event: threading.Event = field(default_factory=threading.Event)
     progress_interval: float = 1.0
+    resume: Any = None  # core.train.CompareResult
+    more_seconds: float = 0.0
     _queue: queue.Queue = field(default_factory=queue.Queue, init=False, repr=False)
 
     def cancel(self) -> None:
@@ -132,33 +143,44 @@ class TrainingJob:
 
     def _work(self) -> None:
         from core.report import write_run
-        from core.train import Callbacks, TrainingCancelled, run_compare
+        from core.train import Callbacks, TrainingCancelled, continue_arm, run_compare
 
         put = self._queue.put
         callbacks = Callbacks(progress=lambda stage, frac, msg: put(("progress", stage, frac, msg)),
                               epoch=lambda arm, rec: put(("epoch", arm, dict(rec))), cancel=self.cancel_event)
+        on_step = lambda fraction, words: put(("progress", "export", fraction, words))  # noqa: E731
         try:
-            result = run_compare(self.dataset, self.cfg, callbacks)
-            write_run(result, self.run_dir, export=True,
-                      on_step=lambda fraction, words: put(("progress", "export", fraction, words)))
+            if self.resume is None:
+                result = run_compare(self.dataset, self.cfg, callbacks)
+                write_run(result, self.run_dir, export=True, on_step=on_step)
+            else:
+                result = continue_arm(self.resume, self.more_seconds, callbacks)
+                write_run(result, self.run_dir, export=True, on_step=on_step, keep_export_of=self.resume.report)
             put(("finished", result))
         except TrainingCancelled:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+            if self.resume is None:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
             put(("cancelled",))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer as Failed
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+            if self.resume is None:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
             put(("failed", exc))
+
+    def history(self) -> dict[str, list[dict]]:
+        """Every epoch record so far by arm: the resumed run's, or none."""
+        runs = self.resume.report["runs"] if self.resume is not None else {}
+        return {arm: [dict(h) for h in run["history"]] for arm, run in runs.items()}
 
     def events(self) -> Iterator[Event]:
         """Start the worker and yield its events until it ends (see the module docstring)."""
         scratch, unfreeze = bool(self.cfg.train_scratch), bool(self.cfg.unfreeze_blocks)
-        history: dict[str, list[dict]] = {}
+        history = self.history()
         worker = threading.Thread(target=self._work, name=f"train-{self.run_dir.name}", daemon=True)
         start = time.perf_counter()
         pending: Progress | None = None  # progress is coalesced: the latest one, at most once per interval
         last = 0.0
-        began: dict[str, float] = {}  # when each stage first reported
-        budget = self.cfg.budget_seconds
+        began: dict[str, tuple[float, float]] = {}  # when each stage first reported, and its fraction then
+        budget = self.more_seconds if self.resume is not None else self.cfg.budget_seconds
         worker.start()
         try:
             while True:
@@ -170,14 +192,15 @@ class TrainingJob:
                 kind = item[0] if item else None
                 if kind == "progress":
                     _, stage, frac, msg = item
-                    began.setdefault(stage, now)
+                    stage_start, frac0 = began.setdefault(stage, (now, frac))
                     # an arm's budget clock starts with its first stage (the pretrained arm's with its features)
-                    arm_start = began.get("features", began[stage]) if stage == "pretrained" else began[stage]
+                    arm_start = began.get("features", began[stage])[0] if stage == "pretrained" else stage_start
                     budget_left = (budget - (now - arm_start)
                                    if budget and stage in ("features", "pretrained", "scratch") else None)
+                    done = (frac - frac0) / (1 - frac0) if frac0 < 1 else 1.0  # a resumed arm starts partway
                     pending = Progress(overall_fraction(stage, frac, scratch=scratch, unfreeze=unfreeze), stage,
                                        msg or stage, now - start,
-                                       stage_time_left(frac, now - began[stage], budget_left))
+                                       stage_time_left(done, now - stage_start, budget_left))
                 elif kind == "epoch":
                     _, arm, record = item
                     history.setdefault(arm, []).append(record)
@@ -201,3 +224,46 @@ class TrainingJob:
         finally:
             if worker.is_alive():  # the consumer stopped early (visitor left): stop the worker
                 self.cancel_event.set()
+
+
+class KeptRuns:
+    """Each session's latest finished run, kept in memory so its scratch arm can be given more time
+    (``TrainingJob(resume=...)``): at most ``capacity`` runs in all, the least recently used dropped first. A kept
+    run holds its decoded images, both models and the scratch arm's optimizer, so only runs that can go on are
+    kept."""
+
+    def __init__(self, capacity: int = 2):
+        self.capacity = capacity
+        self._runs: OrderedDict[str, tuple[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def can_continue(result: Any) -> bool:
+        run = result.runs.get("scratch")
+        return bool(run is not None and run.trainer is not None and run.trainer.can_continue
+                    and result.cfg is not None and result.cfg.repeats == 1)
+
+    def keep(self, key: str, run_dir: Path | str, result: Any) -> bool:
+        """Keep ``result`` (written into ``run_dir``) for ``key`` when its scratch arm can go on; returns whether it
+        was kept. An earlier run of the same key is dropped either way."""
+        with self._lock:
+            self._runs.pop(key, None)
+            if self.capacity < 1 or not self.can_continue(result):
+                return False
+            self._runs[key] = (str(run_dir), result)
+            while len(self._runs) > self.capacity:
+                self._runs.popitem(last=False)
+            return True
+
+    def get(self, key: str, run_dir: Path | str | None) -> Any:
+        """The run kept for ``key`` if it is the one in ``run_dir`` (else None: dropped, or another run since)."""
+        with self._lock:
+            kept = self._runs.get(key)
+            if kept is None or kept[0] != str(run_dir):
+                return None
+            self._runs.move_to_end(key)
+            return kept[1]
+
+    def drop(self, key: str | None) -> None:
+        with self._lock:
+            self._runs.pop(key, None)

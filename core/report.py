@@ -43,9 +43,11 @@ def run_file_names() -> frozenset[str]:
 
 
 def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool = True,
-              on_step: Callable[[float, str], None] | None = None) -> dict:
+              on_step: Callable[[float, str], None] | None = None, keep_export_of: dict | None = None) -> dict:
     """Write every artifact of a compare run into ``out_dir``; returns ``{name: path}``. ``on_step(fraction,
-    words)``: told as each export step starts."""
+    words)``: told as each export step starts. ``keep_export_of``: the report already in ``out_dir`` of a run whose
+    pretrained arm this result shares (``core.train.continue_arm``): its exported files and report section are kept
+    instead of exporting the same model again."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
@@ -64,7 +66,9 @@ def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool
             "state_dicts": {arm: state_dict_file(arm) for arm in result.runs}, "config": CONFIG,
         }
         write_json_atomic(staging / CONFIG, report["config"])
-        if export and "pretrained" in result.runs:
+        if export and keep_export_of and keep_export_of.get("export"):
+            report["export"] = _keep_export(keep_export_of, out, staging)
+        elif export and "pretrained" in result.runs:
             report["export"] = _export(result, staging, on_step)
         names = sorted({p.name for p in staging.iterdir()} | {REPORT})
         report["artifacts"]["files"] = names
@@ -84,6 +88,17 @@ def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {name: out / name for name in names}
+
+
+def _keep_export(earlier: dict, out: Path, staging: Path) -> dict:
+    """Stage the earlier run's exported files (hard links where the disk allows) and return its export section."""
+    own = {REPORT, CONFIG, MANIFEST, LEARNING_CURVES, CONFUSION, *(state_dict_file(arm) for arm in ARMS)}
+    for name in sorted(set(earlier.get("artifacts", {}).get("files", [])) - own):
+        try:
+            os.link(out / name, staging / name)
+        except OSError:
+            shutil.copy2(out / name, staging / name)
+    return earlier["export"]
 
 
 def _export(result: CompareResult, staging: Path, on_step: Callable[[float, str], None] | None = None) -> dict:

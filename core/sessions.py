@@ -717,7 +717,7 @@ class SessionStore:
         if not choice.startswith("run:") or variant not in VARIANTS:
             raise SessionError(f"Unknown model choice {choice!r}.")
         if not state.get("run_dir"):
-            raise SessionError("Train a model first (Train & compare tab), or upload an .onnx exported earlier.",
+            raise SessionError("Train a model first (Train tab), or upload an .onnx exported earlier.",
                                title="No model yet")
         run_dir = Path(state["run_dir"])
         if not run_dir.is_dir():

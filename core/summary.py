@@ -150,18 +150,32 @@ def headline(report: dict) -> str:
     runs = report["runs"]
     config = report.get("config") or {}
     budget, planned = config.get("budget_seconds"), config.get("epochs")
+    budgets = {arm: run.get("budget_seconds", budget) for arm, run in runs.items()}
     parts = []
     for arm, run in runs.items():
         guessing = " (no better than guessing)" if at_chance(report, arm) else ""
         correct = f"{run['val_accuracy']:.1%} correct{guessing}"  # as in the table
         done = run.get("epochs_done", run.get("epochs_run"))
-        if run.get("stopped_by_budget") and budget:
-            how = f"when the {budget:g} s time limit stopped it after {done:g} of {planned} epochs"
+        if run.get("stopped_by_budget") and budgets[arm]:
+            how = f"when the {budgets[arm]:g} s time limit stopped it after {done:g} of {planned} epochs"
         else:
             how = f"after {sec(run['train_seconds'])} ({done:g} epochs)"
         parts.append(f"{ARM_NAMES.get(arm, arm)}: **{correct}** {how}.")
-    lead = f"With a time budget of {budget:g} s for each arm. " if budget and len(runs) == 2 else ""
+    lead = ""
+    if len(runs) == 2 and budget:
+        more = (report.get("continued") or {}).get("scratch")
+        lead = (f"With a time budget of {budget:g} s for the pretrained arm and {budgets['scratch']:g} s for scratch "
+                f"(you gave it {more['extra_seconds']:g} s more). " if more
+                else f"With a time budget of {budget:g} s for each arm. ")
     return lead + " ".join(parts)
+
+
+def more_time_text(report: dict, seconds: float) -> str:
+    """Beside "give scratch more time": where the scratch arm stopped and what the button does."""
+    run = report["runs"]["scratch"]
+    planned = (report.get("config") or {}).get("epochs")
+    return (f"**From scratch stopped after {run['epochs_done']:g} of {planned} epochs** when its time ran out. Give "
+            f"it {seconds:g} s more: it goes on from where it stopped, on the same images, and its curve continues.")
 
 
 def speedup_text(report: dict) -> str:
@@ -199,7 +213,8 @@ def comparison_text(report: dict) -> str:
                          None if statistic is None else float(statistic), ("pretrained", "scratch"),
                          float(comp.get("alpha", 0.05)))
     split = {"val": "validation", "test": "test"}.get(comp.get("split"), "evaluation")
-    return f"Paired test (McNemar, {method}) on the same {test.n} {split} images: {test.sentence}"
+    plain = test.sentence.removesuffix(".")
+    return f"Is the difference luck? On the same {test.n} {split} images, {plain} (paired McNemar test, {method})."
 
 
 def _speedup_sentence(report: dict) -> str:

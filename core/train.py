@@ -108,6 +108,7 @@ class RunResult:
     val_probabilities: np.ndarray
     test_probabilities: np.ndarray | None = None
     extra: dict = field(default_factory=dict)  # engine names, feature timings ...
+    trainer: NetworkTrainer | None = None  # the arms trained end to end: to go on training (``continue_arm``)
 
 
 def _seed_everything(seed: int) -> torch.Generator:
@@ -149,20 +150,21 @@ class _EpochLog:
 
     def __init__(self, arm: str, cfg: TrainConfig, callbacks: Callbacks, start: float):
         self.arm, self.cfg, self.callbacks, self.start = arm, cfg, callbacks, start
+        self.limit = cfg.budget_seconds  # seconds of training allowed (``NetworkTrainer.extend`` raises it)
         self.history: list[dict] = []
         self.best: dict | None = None
         self.best_state: dict | None = None
         self.stopped_by_budget = False
 
     def out_of_time(self) -> bool:
-        return self.cfg.budget_seconds is not None and time.perf_counter() - self.start >= self.cfg.budget_seconds
+        return self.limit is not None and time.perf_counter() - self.start >= self.limit
 
     def summary(self) -> dict:
         """For the report: how much training happened (epochs, fractional when the budget cut one short)."""
         last = self.history[-1] if self.history else {"epoch": 0}
         done = last["epoch"] - 1 + last.get("epoch_fraction", 1.0)
         return {"epochs_done": round(done, 2), "stopped_by_budget": self.stopped_by_budget,
-                "budget_seconds": self.cfg.budget_seconds}
+                "budget_seconds": self.limit}
 
     def end_epoch(self, epoch: int, train_loss: float, train_accuracy: float, val_loss: float, val_accuracy: float,
                   state: Callable[[], dict], selection: tuple[float, float] | None = None,
@@ -182,7 +184,7 @@ class _EpochLog:
             self.best, self.best_state = record, state()
         if self.callbacks.epoch is not None:
             self.callbacks.epoch(self.arm, record)
-        spent = self.cfg.budget_seconds is not None and record["seconds"] >= self.cfg.budget_seconds
+        spent = self.limit is not None and record["seconds"] >= self.limit
         self.stopped_by_budget = (spent and epoch < self.cfg.epochs) or fraction < 1.0
         return spent
 
@@ -355,89 +357,138 @@ def train_finetune(cfg: TrainConfig, classes: list[str], train: PreparedImages, 
 def _train_network(arm: str, model: models.Classifier, groups: list[dict], weight_decay: float, cfg: TrainConfig,
                    train: PreparedImages, val: PreparedImages, test: PreparedImages | None, device: torch.device,
                    callbacks: Callbacks, gen: torch.Generator, selection: np.ndarray | None = None) -> RunResult:
-    """Train ``model``'s parameters in ``groups`` (each with its peak ``lr``) with AdamW and a one-cycle schedule
+    trainer = NetworkTrainer(arm, model, groups, weight_decay, cfg, train, val, test, device, gen, selection)
+    trainer.run(callbacks)
+    result = trainer.result()
+    result.trainer = trainer
+    return result
+
+
+class NetworkTrainer:
+    """Trains ``model``'s parameters in ``groups`` (each with its peak ``lr``) with AdamW and a one-cycle schedule
     on augmented images; AMP and channels_last on CUDA. The training images at ``selection`` are held out and
-    choose the epoch whose weights are kept."""
-    start = time.perf_counter()
-    held_out = None
-    if selection is not None:
-        held_out = _index(train, selection)
-        train = _index(train, np.flatnonzero(_without(len(train.labels), selection)))
-    image_size = train.crops.shape[1]
-    cuda = device.type == "cuda"
-    model = model.to(device)
-    trained_on = next(model.parameters()).device.type  # recorded in the report: where the weights really trained
-    preprocess = ImagePreprocess(model.spec.mean, model.spec.std).to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(train.resized) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups],
-                                                total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
-    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
-    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if cuda else contextlib.nullcontext
-    augment = _augment(image_size)
+    choose the epoch whose weights are kept.
 
-    def forward(batch_nhwc: torch.Tensor) -> torch.Tensor:
-        x = preprocess(batch_nhwc.to(device, non_blocking=True))
-        if cuda:
+    ``run`` trains until ``cfg.epochs`` are done or the time budget is spent, and can be called again after
+    ``extend(seconds)``: it goes on from the batch where it stopped with the same optimizer, schedule, shuffling and
+    history, so the learning curve simply continues (``can_continue`` says whether epochs are left)."""
+
+    def __init__(self, arm: str, model: models.Classifier, groups: list[dict], weight_decay: float, cfg: TrainConfig,
+                 train: PreparedImages, val: PreparedImages, test: PreparedImages | None, device: torch.device,
+                 gen: torch.Generator, selection: np.ndarray | None = None):
+        self.arm, self.cfg, self.device, self.gen, self.val, self.test = arm, cfg, device, gen, val, test
+        self.held_out = None
+        if selection is not None:
+            self.held_out = _index(train, selection)
+            train = _index(train, np.flatnonzero(_without(len(train.labels), selection)))
+        self.train = train
+        self.cuda = device.type == "cuda"
+        self.model = model.to(device)
+        self.trained_on = next(self.model.parameters()).device.type  # for the report: where the weights trained
+        self.preprocess = ImagePreprocess(model.spec.mean, model.spec.std).to(device)
+        if self.cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+        self.steps_per_epoch = math.ceil(len(train.resized) / cfg.batch_size)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=[g["lr"] for g in groups],
+                                                         total_steps=cfg.epochs * self.steps_per_epoch, pct_start=0.15)
+        self.amp_dtype = torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda and self.amp_dtype == torch.float16)
+        self.augment = _augment(train.crops.shape[1])
+        self.log = _EpochLog(arm, cfg, Callbacks(), time.perf_counter())
+        self.trained_seconds = 0.0  # training time so far (the pauses between ``run`` calls not counted)
+        # where the next batch starts: the epoch, its shuffled order, the next batch's offset and the running sums
+        self.epoch, self.perm, self.offset, self.sums = 1, None, 0, (0.0, 0, 0)
+
+    @property
+    def can_continue(self) -> bool:
+        """Whether epochs are left (the time budget stopped the arm before it finished them)."""
+        return self.epoch <= self.cfg.epochs
+
+    def extend(self, seconds: float) -> None:
+        """Give ``run`` ``seconds`` more of training time than it has used so far."""
+        self.log.limit = self.trained_seconds + seconds
+
+    def _forward(self, batch_nhwc: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(batch_nhwc.to(self.device, non_blocking=True))
+        if self.cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            return model(x).float()
+        with torch.autocast("cuda", dtype=self.amp_dtype) if self.cuda else contextlib.nullcontext():
+            return self.model(x).float()
 
-    def predict(images: np.ndarray) -> torch.Tensor:
-        model.eval()
-        out = []
+    def predict(self, images: np.ndarray) -> torch.Tensor:
+        self.model.eval()
+        step = self.cfg.batch_size * 2
         with torch.inference_mode():
-            for i in range(0, len(images), cfg.batch_size * 2):
-                out.append(forward(torch.from_numpy(images[i : i + cfg.batch_size * 2])).cpu())
-        return torch.cat(out)
+            return torch.cat([self._forward(torch.from_numpy(images[i : i + step])).cpu()
+                              for i in range(0, len(images), step)])
 
-    log = _EpochLog(arm, cfg, callbacks, start)
-    y_val = torch.from_numpy(val.labels)
-    for epoch in range(1, cfg.epochs + 1):
-        # forward/backward with augmentation
-        model.train()
-        perm = torch.randperm(len(train.resized), generator=gen)
-        loss_sum, correct, seen = 0.0, 0, 0
-        for step, i in enumerate(range(0, len(perm), cfg.batch_size)):
-            idx = perm[i : i + cfg.batch_size].tolist()
-            batch = torch.stack([augment(torch.from_numpy(train.resized[j]).permute(2, 0, 1)).permute(1, 2, 0)
-                                 for j in idx])
-            y = torch.from_numpy(train.labels[idx]).to(device)
-            logits = forward(batch)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(idx)
-            callbacks.report(arm, (epoch - 1 + (step + 1) / steps_per_epoch) / cfg.epochs,
-                             f"{arm} epoch {epoch}/{cfg.epochs}, batch {step + 1}/{steps_per_epoch}")
-            if log.out_of_time():  # checked after every batch: one slow epoch cannot overrun the budget
-                break
-        # evaluate
-        val_loss, val_acc = _evaluate_logits(predict(val.crops), y_val)
-        chosen_on = (_evaluate_logits(predict(held_out.crops), torch.from_numpy(held_out.labels))
-                     if held_out is not None else None)
-        # log / stop
-        if log.end_epoch(epoch, loss_sum / seen, correct / seen, val_loss, val_acc,
-                         state=lambda: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                         selection=chosen_on, fraction=seen / len(perm)):
-            break
-    train_seconds = time.perf_counter() - start
+    def _weights(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-    model.load_state_dict(log.best_state)
-    val_prob = torch.softmax(predict(val.crops), 1).numpy()
-    test_prob = torch.softmax(predict(test.crops), 1).numpy() if test is not None else None
-    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-    return RunResult(arm, model, log.history, log.best["epoch"], train_seconds, val_prob, test_prob,
-                     extra={"amp": str(amp_dtype).replace("torch.", "") if cuda else None, "device": trained_on,
-                            **log.summary()})
+    def run(self, callbacks: Callbacks) -> None:
+        cfg, train, log = self.cfg, self.train, self.log
+        log.callbacks, log.start = callbacks, time.perf_counter() - self.trained_seconds
+        y_val = torch.from_numpy(self.val.labels)
+        try:
+            while self.epoch <= cfg.epochs:
+                # forward/backward with augmentation, from where the last call stopped
+                self.model.train()
+                if self.perm is None:
+                    self.perm, self.offset, self.sums = torch.randperm(len(train.resized), generator=self.gen), 0, (
+                        0.0, 0, 0)
+                loss_sum, correct, seen = self.sums
+                stopped = False
+                while self.offset < len(self.perm) and not stopped:
+                    idx = self.perm[self.offset : self.offset + cfg.batch_size].tolist()
+                    batch = torch.stack([self.augment(torch.from_numpy(train.resized[j]).permute(2, 0, 1))
+                                         .permute(1, 2, 0) for j in idx])
+                    y = torch.from_numpy(train.labels[idx]).to(self.device)
+                    logits = self._forward(batch)
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                    self.opt.zero_grad(set_to_none=True)
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.opt)
+                    self.scaler.update()
+                    self.sched.step()
+                    loss_sum += loss.item() * len(idx)
+                    correct += int((logits.argmax(1) == y).sum())
+                    seen += len(idx)
+                    self.offset += len(idx)
+                    self.sums = (loss_sum, correct, seen)
+                    step = math.ceil(self.offset / cfg.batch_size)
+                    callbacks.report(self.arm, (self.epoch - 1 + step / self.steps_per_epoch) / cfg.epochs,
+                                     f"{self.arm} epoch {self.epoch}/{cfg.epochs}, batch {step}/{self.steps_per_epoch}")
+                    stopped = log.out_of_time()  # after every batch: one slow epoch cannot overrun the budget
+                # evaluate
+                val_loss, val_acc = _evaluate_logits(self.predict(self.val.crops), y_val)
+                chosen_on = (_evaluate_logits(self.predict(self.held_out.crops), torch.from_numpy(self.held_out.labels))
+                             if self.held_out is not None else None)
+                finished = self.offset >= len(self.perm)
+                epoch = self.epoch
+                if finished:
+                    self.epoch, self.perm = self.epoch + 1, None
+                # log / stop
+                if log.end_epoch(epoch, loss_sum / seen, correct / seen, val_loss, val_acc, state=self._weights,
+                                 selection=chosen_on, fraction=seen / len(train.resized)):
+                    break
+        finally:
+            self.trained_seconds = time.perf_counter() - log.start
+
+    def result(self) -> RunResult:
+        """The run so far, with the kept epoch's weights (the trainer keeps its own to go on from)."""
+        model = copy.deepcopy(self.model)
+        current = self._weights()
+        self.model.load_state_dict(self.log.best_state)
+        val_prob = torch.softmax(self.predict(self.val.crops), 1).numpy()
+        test_prob = torch.softmax(self.predict(self.test.crops), 1).numpy() if self.test is not None else None
+        model.load_state_dict(self.log.best_state)
+        self.model.load_state_dict(current)
+        model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+        return RunResult(self.arm, model, list(self.log.history), self.log.best["epoch"], self.trained_seconds,
+                         val_prob, test_prob,
+                         extra={"amp": str(self.amp_dtype).replace("torch.", "") if self.cuda else None,
+                                "device": self.trained_on, **self.log.summary()})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -497,6 +548,8 @@ class CompareResult:
     test: PreparedImages | None
     dataset: Dataset
     selection_files: list[str] = field(default_factory=list)  # training images held out to choose the epoch
+    cfg: TrainConfig | None = None
+    selection: np.ndarray | None = None  # indices into ``train`` of the selection images (None: none held out)
 
 
 def run_compare(dataset: Dataset, cfg: TrainConfig | None = None, callbacks: Callbacks | None = None,
@@ -577,12 +630,24 @@ def _compare_once(dataset: Dataset, cfg: TrainConfig, callbacks: Callbacks, arms
     for arm in arms:
         results[arm] = trainers[arm](cfg, classes, train, val, test, device, callbacks, selection)
 
+    report = _report(dataset, cfg, device, image_size, results, train, val, test, selection)
+    callbacks.report("done", 1.0, "training finished")
+    held_out = [train.files[i] for i in selection] if selection is not None else []
+    return CompareResult(report, results, train, val, test, dataset, held_out, cfg=cfg, selection=selection)
+
+
+def _report(dataset: Dataset, cfg: TrainConfig, device: torch.device, image_size: int, results: dict[str, RunResult],
+            train: PreparedImages, val: PreparedImages, test: PreparedImages | None,
+            selection: np.ndarray | None) -> dict:
+    """The comparison's report from its arms' results: each arm summarised, the paired test, the diagnostics."""
+    classes = dataset.classes
+    spec = models.get_backbone_spec(cfg.backbone)
     runs = {arm: summarize_run(r, classes, val, test, cfg.target_accuracy, seed=cfg.seed)
             for arm, r in results.items()}
     for run in runs.values():  # visitors download report.json: files relative to the dataset root, no server path
         for wrong in run["misclassified"]:
             wrong["file"] = dataset.relpath(wrong["file"])
-    report = {
+    return {
         "dataset": {**dataset.to_dict(), "classes": classes,  # no server path: visitors download report.json
                     "counts": dataset.counts(), "skipped": [dataclasses.asdict(s) for s in dataset.skipped]},
         "device": device.type,
@@ -600,9 +665,39 @@ def _compare_once(dataset: Dataset, cfg: TrainConfig, callbacks: Callbacks, arms
         "comparison": compare_arms(results, val) if len(results) == 2 else None,
         "diagnostics": _diagnostics(dataset, classes, train, val, test, results, runs),
     }
+
+
+def continue_arm(result: CompareResult, seconds: float, callbacks: Callbacks | None = None,
+                 arm: str = "scratch") -> CompareResult:
+    """Give ``arm`` (trained end to end, stopped by its time budget) ``seconds`` more: it goes on from where it
+    stopped, on the same split with the same optimizer and schedule, and its history continues. Returns a new result
+    whose report has that arm re-scored (the other arm is unchanged) and ``continued[arm]`` (the seconds added).
+    Raises ValueError when the arm cannot go on (all its epochs done, repeats, or not trained here)."""
+    callbacks = callbacks or Callbacks()
+    run = result.runs.get(arm)
+    trainer = run.trainer if run is not None else None
+    if trainer is None or result.cfg is None:
+        raise ValueError(f"The {arm} arm of this run cannot go on: train again.")
+    if result.cfg.repeats > 1:
+        raise ValueError("A run with repeats cannot go on (the repeats would no longer match): train again.")
+    if not trainer.can_continue:
+        raise ValueError(f"The {arm} arm already trained all its {result.cfg.epochs} epochs: to train it longer, "
+                         "raise the epochs and train again.")
+    if not seconds > 0:
+        raise ValueError(f"More time must be a positive number of seconds, not {seconds!r}.")
+    trainer.extend(seconds)
+    trainer.run(callbacks)
+    fresh = trainer.result()
+    fresh.trainer = trainer
+    results = {**result.runs, arm: fresh}
+    report = _report(result.dataset, result.cfg, trainer.device, result.report["image_size"], results, result.train,
+                     result.val, result.test, result.selection)
+    before = (result.report.get("continued") or {}).get(arm, {})
+    report["continued"] = {**(result.report.get("continued") or {}),
+                           arm: {"extra_seconds": before.get("extra_seconds", 0.0) + seconds,
+                                 "times": before.get("times", 0) + 1}}
     callbacks.report("done", 1.0, "training finished")
-    held_out = [train.files[i] for i in selection] if selection is not None else []
-    return CompareResult(report, results, train, val, test, dataset, held_out)
+    return dataclasses.replace(result, report=report, runs=results)
 
 
 def _selection_summary(selection: np.ndarray | None, cfg: TrainConfig, train: PreparedImages, val: PreparedImages,

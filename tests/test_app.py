@@ -39,7 +39,7 @@ class _NoProgress:
 def run_train(state, **overrides):
     """Drive the ``train`` generator to the end; returns (final outputs by name, every update)."""
     settings = {**FAST, **overrides}
-    updates = [dict(zip(app.TRAIN_OUTPUTS, u)) for u in app.train(state, **settings, progress=_NoProgress())]
+    updates = [dict(zip(app.TRAIN_OUTPUTS, u)) for u in app.train(state, **settings)]
     final = {}
     for u in updates:
         final.update({k: v for k, v in u.items() if not (isinstance(v, dict) and v == {"__type__": "update"})})
@@ -102,10 +102,10 @@ def test_build_app_wires_named_events_with_concurrency_limits(app_root):
     public = {name for name, fn in fns.items() if fn.api_visibility == "public"}
     # The app's API as clients call it: these names, each on its own handler (none renamed to name_1 by a clash).
     assert public == {"load_sample", "load_zip", "train", "cancel", "threshold", "predict", "upload_model",
-                      "benchmark", "new_session", "efficiency"}
+                      "benchmark", "new_session", "efficiency", "more_time"}
     assert fns["load_sample"].fn is app.load_sample and fns["load_zip"].fn is app.load_zip
     assert fns["train"].concurrency_limit == 1 and fns["train"].concurrency_id == "train"
-    assert fns["benchmark"].concurrency_id == "train" and fns["efficiency"].concurrency_id == "train"
+    assert {fns[name].concurrency_id for name in ("benchmark", "efficiency", "more_time")} == {"train"}
     assert fns["predict"].concurrency_limit > 1
     assert isinstance(app.demo, gr.Blocks)  # built lazily on first access (what `gradio app.py` looks for)
 
@@ -247,13 +247,13 @@ def test_training_streams_progress_and_fills_every_result(trained):
 
 def test_train_without_data_or_with_bad_settings_is_a_clear_error(app_root, trained):
     with pytest.raises(gr.Error, match="Load a dataset first"):
-        next(app.train(app.new_session(), **FAST, progress=_NoProgress()))
+        next(app.train(app.new_session(), **FAST))
     with pytest.raises(gr.Error, match="epochs must be .*1.*got 0"):
-        next(app.train(trained["state"], **{**FAST, "epochs": 0}, progress=_NoProgress()))
+        next(app.train(trained["state"], **{**FAST, "epochs": 0}))
     with pytest.raises(gr.Error, match="Unknown backbone"):
-        next(app.train(trained["state"], **{**FAST, "backbone": "resnet9000"}, progress=_NoProgress()))
+        next(app.train(trained["state"], **{**FAST, "backbone": "resnet9000"}))
     with pytest.raises(gr.Error, match="unfreeze_blocks must be between 0 .* and 18"):
-        next(app.train(trained["state"], **{**FAST, "unfreeze": 19}, progress=_NoProgress()))
+        next(app.train(trained["state"], **{**FAST, "unfreeze": 19}))
 
 
 def test_fine_tuning_the_last_blocks_from_the_app(app_root):
@@ -295,11 +295,56 @@ def test_predict_offers_validation_examples_that_classify_on_click(trained):
     assert {c.removeprefix("true: ") for c in captions} == {"circle", "square", "triangle"}  # classes in turn
     state = trained["state"]
     event = SimpleNamespace(index=1)
-    label, info, table = app.predict_example(state, "run:fp32", event)
+    label, info, table, shown = app.predict_example(state, "run:fp32", event)
     assert set(label) <= {"circle", "square", "triangle"} and len(table) == 1
+    clicked = Image.open(state["examples"][1])  # the clicked image fills the input box, re-encoded
+    assert isinstance(shown, Image.Image) and shown.size == clicked.size and shown is not clicked
     assert info.startswith(f"True class: **{captions[1].removeprefix('true: ')}**")
     with pytest.raises(gr.Error, match="example is gone"):
         app.predict_example(state, "run:fp32", SimpleNamespace(index=99))
+
+
+def test_more_time_goes_on_with_the_scratch_arm_and_keeps_the_export(app_root):
+    state = data_out(app.load_sample(TINY, app.new_session()))["state"]
+    final, _ = run_train(state, epochs=3, budget=0.001)  # one batch is an epoch here: it stops after it
+    assert final["more_box"]["visible"] and "stopped after 1 of 3 epochs" in final["more_md"]
+    run_dir = Path(final["state"]["run_dir"])
+    before = json.loads((run_dir / "report.json").read_text())
+    model = (run_dir / "model.onnx").stat()
+
+    state, *_ = app.arm_training(final["state"])
+    updates = [dict(zip(app.TRAIN_OUTPUTS, u)) for u in app.more_time(state)]
+    after = json.loads((run_dir / "report.json").read_text())
+    scratch = after["runs"]["scratch"]
+    assert scratch["epochs_done"] > before["runs"]["scratch"]["epochs_done"]
+    assert len(scratch["history"]) == len(before["runs"]["scratch"]["history"]) + 1  # the curve goes on
+    assert after["runs"]["pretrained"]["history"] == before["runs"]["pretrained"]["history"]
+    assert after["export"] == before["export"] and (run_dir / "model.onnx").stat().st_ino == model.st_ino
+    last = updates[-1]
+    assert last["status"].startswith("✅") and "you gave it 0.001 s more" in last["speedup"]
+
+    app.KEPT.drop(state["sid"])  # the server let the run go (memory): a clear refusal, the results stay
+    state, *_ = app.arm_training(state)
+    with pytest.raises(gr.Error, match="can no longer go on"):
+        next(app.more_time(state))
+    assert json.loads((run_dir / "report.json").read_text()) == after
+
+
+def test_kept_runs_are_bounded_and_only_runs_that_can_go_on_are_kept():
+    from core.jobs import KeptRuns
+
+    def result(can_go_on=True, repeats=1):
+        trainer = SimpleNamespace(can_continue=can_go_on)
+        return SimpleNamespace(runs={"scratch": SimpleNamespace(trainer=trainer)}, cfg=SimpleNamespace(repeats=repeats))
+
+    kept = KeptRuns(capacity=2)
+    assert kept.keep("a", "run-a", result()) and kept.keep("b", "run-b", result())
+    assert kept.get("a", "run-a") is not None  # a is now the most recently used
+    assert kept.keep("c", "run-c", result())
+    assert kept.get("b", "run-b") is None and kept.get("a", "run-a") is not None  # b went first
+    assert kept.get("a", "run-other") is None  # another run of that session since
+    assert not kept.keep("a", "run-a2", result(can_go_on=False)) and kept.get("a", "run-a") is None
+    assert not kept.keep("d", "run-d", result(repeats=2))
 
 
 def test_cancel_stops_training(app_root, trained):
@@ -311,7 +356,7 @@ def test_cancel_stops_training(app_root, trained):
     assert "Cancelled before training started" in final["status"]
 
     state, *_ = app.arm_training(state)
-    gen = app.train(state, **{**FAST, "epochs": 20, "image_size": 32}, progress=_NoProgress())
+    gen = app.train(state, **{**FAST, "epochs": 20, "image_size": 32})
     first = dict(zip(app.TRAIN_OUTPUTS, next(gen)))
     assert "started" in first["status"]
     app.cancel_training(state)

@@ -81,6 +81,8 @@ def test_sample_train_predict_export_in_chromium(server, tmp_path):
                 expect(first.locator("#train-btn")).to_be_visible()
                 assert in_viewport(first, "#train-btn"), f"{name}: the Train button is below the fold"
                 assert in_viewport(first, "#active-dataset"), f"{name}: the dataset line is below the fold"
+                for tab in ("Train", "Data", "Predict", "Export", "Benchmark"):  # none hidden in an overflow menu
+                    expect(first.get_by_role("tab", name=tab, exact=True)).to_be_visible()
                 first.screenshot(path=str(tmp_path / f"{name}.png"))
                 if shots_dir:
                     shutil.copyfile(tmp_path / f"{name}.png", Path(shots_dir) / f"{name}.png")
@@ -93,7 +95,7 @@ def test_sample_train_predict_export_in_chromium(server, tmp_path):
 
             # Data: the default sample is loaded on page open; pick the tiny one by typing its spec.
             expect(page.locator("#active-dataset")).to_contain_text("shapes (balanced)", timeout=90_000)
-            page.get_by_role("tab", name="2 · Data").click()
+            page.get_by_role("tab", name="Data").click()
             expect(page.locator("#data-summary")).to_contain_text("shapes (balanced)", timeout=90_000)
             if not docs_mode:
                 box = page.locator("#preset input")
@@ -105,19 +107,20 @@ def test_sample_train_predict_export_in_chromium(server, tmp_path):
             expect(page.locator("#data-gallery img").first).to_be_visible()
             shot(page, "data")
 
-            # Train & compare: tiny settings, both arms.
-            page.get_by_role("tab", name="1 · Train & compare").click()
+            # Train: tiny settings, both arms.
+            page.get_by_role("tab", name="Train", exact=True).click()
             if not docs_mode:
                 expect(page.locator("#active-dataset")).to_contain_text("18 training / 6 validation")
             # Docs mode keeps the app's defaults (what a newcomer sees); the test itself uses tiny settings.
-            settings = {} if docs_mode else {"#epochs": "2", "#image-size": "32"}
+            # A 1 s budget stops scratch long before its 50 epochs, so "give scratch more time" is offered.
+            settings = {} if docs_mode else {"#epochs": "50", "#image-size": "32"}
             for selector, value in settings.items():
                 field = page.locator(f"{selector} input[type=number]")
                 field.fill(value)
                 field.press("Enter")
             if not docs_mode:
                 budget = page.locator("#budget input")
-                budget.fill("0")
+                budget.fill("1")
                 budget.press("Tab")
             expect(page.locator("#scratch input[type=checkbox]")).to_be_checked()
             for _ in range(2 if docs_mode else 1):  # docs: a second run, so one-time caches do not skew timings
@@ -139,13 +142,23 @@ def test_sample_train_predict_export_in_chromium(server, tmp_path):
             expect(page.locator("#speedup")).to_contain_text(re.compile(r"Pretrained: [\d.]+% correct"))
             expect(page.locator("#speedup")).to_contain_text(re.compile(r"From scratch: [\d.]+% correct"))
             expect(page.locator("#train-btn")).to_be_enabled()
+            if not docs_mode:  # scratch goes on from where its budget stopped it: more epochs, the same run
+                stopped = re.compile(r"From scratch: .* stopped it after ([\d.]+) of 50 epochs")
+                expect(page.locator("#speedup")).to_contain_text(stopped)
+                before = float(stopped.search(page.locator("#speedup").inner_text()).group(1))
+                expect(page.locator("#more-md")).to_contain_text("Give it 1 s more")
+                page.click("#more-btn")
+                expect(page.locator("#speedup")).to_contain_text("you gave it 1 s more", timeout=120_000)
+                expect(page.locator("#train-status")).to_contain_text("Done")
+                after = float(stopped.search(page.locator("#speedup").inner_text()).group(1))
+                assert after > before, (before, after)
             page.mouse.move(0, 0)
             time.sleep(0.5)
             shot(page, "compare", clip_to="#confusion")
             shot(page, "train_full", keep=False)
 
             # Predict: upload an image, see a label from the exported ONNX model.
-            page.get_by_role("tab", name="3 · Predict").click()
+            page.get_by_role("tab", name="Predict").click()
             image = tmp_path / "square.png"
             make_shape_image("square", seed=123, index=0, image_size=64).save(image)
             page.locator("#predict-image input[type=file]").set_input_files(str(image))
@@ -159,7 +172,7 @@ def test_sample_train_predict_export_in_chromium(server, tmp_path):
             shot(page, "predict")
 
             # Export: download model.onnx and run it with onnxruntime.
-            page.get_by_role("tab", name="4 · Export").click()
+            page.get_by_role("tab", name="Export").click()
             expect(page.locator("#dl-onnx")).to_be_visible()
             expect(page.locator("#parity")).to_contain_text("passed")
             with page.expect_download() as download_info:
@@ -169,7 +182,7 @@ def test_sample_train_predict_export_in_chromium(server, tmp_path):
             shot(page, "export")
 
             # Benchmark tab (only rendered; timing it is covered by the unit tests).
-            page.get_by_role("tab", name="5 · Benchmark").click()
+            page.get_by_role("tab", name="Benchmark").click()
             expect(page.locator("#bench-btn")).to_be_visible()
             if docs_mode:
                 page.click("#bench-btn")

@@ -171,7 +171,7 @@ def test_the_terminal_summary_tells_what_the_app_tells(run_dir):
     assert len(sentences) == 1 and ("pretrained" in sentences[0].lower() or "neither" in sentences[0].lower())
     for arm, run in report["runs"].items():
         assert f"{arm} verdict: {run['verdict']['label']}" in text
-    assert "Paired test (McNemar, exact binomial) on the same" in text  # both arms ran; under 25 images differ
+    assert "(paired McNemar test, exact binomial)" in text  # both arms ran; under 25 images differ
     assert "WARNING Train/validation leakage: 3 validation images are copies of training ones" in text
     assert "classes are balanced" not in text  # only what was flagged
     assert "Triton repository not built" not in text

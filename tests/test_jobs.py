@@ -18,9 +18,12 @@ def test_time_left_follows_the_pace_and_never_exceeds_the_budget():
 
 
 def test_status_line_names_the_stage_and_time_once():
-    line = status_line(Progress(0.5, "scratch", "scratch epoch 3/10, batch 2/5", 42.4, 17.6))
-    assert line == "⏳ Scratch arm: training (42 s since you pressed Train, about 18 s left in this step)."
-    assert "3/10" not in line  # the counts stay in the bar's own text
+    line = status_line(Progress(0.5, "scratch", "scratch epoch 3/10, batch 2/5", 42.4, 17.6), width=10)
+    assert line == ("⏳ **Scratch arm: training** · about 18 s left in this step\n\n"
+                    "`▰▰▰▰▰▱▱▱▱▱` 50% of the run · 42 s so far")
+    assert "3/10" not in line  # one counter: the epoch and batch counts stay in the per-epoch log
+    early = status_line(Progress(0.04, "decode", "decoded 16/400 images", 1.0, None), width=10)
+    assert "left" not in early and "`▱▱▱▱▱▱▱▱▱▱` 4% of the run" in early
 
 
 def test_the_export_reports_its_steps_in_order(tmp_path, lab_cache):

@@ -313,9 +313,10 @@ def test_paired_test_sentence_under_the_table_and_in_the_terminal(tiny_result): 
     report = tiny_result.report
     comp = report["comparison"]
     n = len(tiny_result.val.labels)
-    sentence = f"Paired test (McNemar, exact binomial) on the same {n} validation images: "
     correct = [r.val_probabilities.argmax(1) == tiny_result.val.labels for r in tiny_result.runs.values()]
-    sentence += stats.mcnemar(*correct, names=tuple(tiny_result.runs)).sentence
+    plain = stats.mcnemar(*correct, names=tuple(tiny_result.runs)).sentence.removesuffix(".")
+    sentence = (f"Is the difference luck? On the same {n} validation images, {plain} "
+                "(paired McNemar test, exact binomial).")
     assert speedup_text(report).split("\n\n")[2] == sentence  # the app's Markdown: headline, speed-up, this
     assert sentence in summary_text(report).splitlines()  # the terminal's summary
     one_arm = {**report, "runs": {"pretrained": report["runs"]["pretrained"]}, "comparison": None}

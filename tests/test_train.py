@@ -543,3 +543,49 @@ def test_the_time_budget_stops_an_epoch_midway_and_the_headline_says_so(_session
     assert run["stopped_by_budget"] and run["epochs_done"] == pytest.approx(0.38, abs=0.01)
     assert epochs_cell(result.report, run) == "1 / 0.38 of 5 (time limit)"
     assert "when the 0.001 s time limit stopped it after 0.38 of 5 epochs" in headline(result.report)
+
+
+def test_more_time_continues_the_scratch_arm_where_the_budget_stopped_it(_session_cache):
+    from core.summary import epochs_cell
+    from core.train import continue_arm
+
+    cfg = TrainConfig(**{**FAST, "batch_size": 8, "epochs": 3, "budget_seconds": 1e-3})
+    first = _compare(_session_cache, load_dataset(TINY), cfg)
+    assert first.report["runs"]["scratch"]["epochs_done"] == pytest.approx(0.38, abs=0.01)  # one batch of 21 images
+    pretrained_before = first.report["runs"]["pretrained"]["val_accuracy"]
+
+    second = continue_arm(first, 1e-3)  # one more batch, in the same epoch
+    run = second.report["runs"]["scratch"]
+    assert [h["epoch"] for h in run["history"]] == [1, 1]
+    assert run["history"][1]["epoch_fraction"] == pytest.approx(16 / 21, abs=1e-3)
+    assert run["history"][1]["seconds"] > run["history"][0]["seconds"]
+    assert run["stopped_by_budget"] and second.report["continued"]["scratch"]["times"] == 1
+    assert first.report["runs"]["scratch"]["epochs_done"] == pytest.approx(0.38, abs=0.01)  # the first is unchanged
+    assert second.report["runs"]["pretrained"]["val_accuracy"] == pretrained_before
+
+    third = continue_arm(second, 600)  # plenty: it finishes the planned epochs, and the schedule with them
+    run = third.report["runs"]["scratch"]
+    trainer = third.runs["scratch"].trainer
+    assert run["epochs_done"] == 3 and not run["stopped_by_budget"] and epochs_cell(third.report, run).endswith("/ 3")
+    assert trainer.sched.last_epoch == 3 * trainer.steps_per_epoch  # every one-cycle step taken, none twice
+    assert third.report["continued"]["scratch"] == {"extra_seconds": pytest.approx(600.001), "times": 2}
+    with pytest.raises(ValueError, match="already trained all its 3 epochs"):
+        continue_arm(third, 60)
+
+
+def test_a_stopped_and_continued_arm_trains_exactly_as_one_that_never_stopped(_session_cache):
+    """The same batches, order and updates: the epochs both runs completed score the same."""
+    from core.train import continue_arm
+
+    base = {**FAST, "batch_size": 8, "epochs": 2}
+    whole = _compare(_session_cache, load_dataset(TINY), TrainConfig(**base), arms=("scratch",))
+    cut = _compare(_session_cache, load_dataset(TINY), TrainConfig(**{**base, "budget_seconds": 1e-3}),
+                   arms=("scratch",))
+    resumed = continue_arm(cut, 600)
+
+    def completed(result):
+        return [(h["epoch"], round(h["train_loss"], 5), round(h["val_loss"], 5))
+                for h in result.report["runs"]["scratch"]["history"] if "epoch_fraction" not in h]
+
+    assert completed(resumed) == completed(whole)
+    assert len(completed(whole)) == 2
