@@ -28,7 +28,7 @@ from typing import Any
 import gradio as gr
 
 import models
-from core import plots, sessions, summary, text
+from core import duplicates, plots, sessions, summary, text
 from core.bench_view import COLUMNS as BENCH_COLUMNS
 from core.bench_view import benchmark_md, benchmark_table, throughput_figure
 from core.config import TrainConfig
@@ -38,6 +38,7 @@ from core.data_view import (
     dataset_gallery,
     dataset_summary,
     dataset_warnings,
+    duplicate_gallery,
     skipped_table,
     thumbnail,
     validation_examples,
@@ -100,8 +101,12 @@ CSS = """
 #verdicts .fair {color: #b45309; font-weight: 600}
 #verdicts .poor {color: #b91c1c; font-weight: 600}
 /* gallery captions ("true → predicted 92%") wrap in full instead of being cut with an ellipsis */
-#mistakes .caption-label, #data-gallery .caption-label, #predict-examples .caption-label {
+#mistakes .caption-label, #data-gallery .caption-label, #predict-examples .caption-label, #dup-gallery .caption-label {
   white-space: normal; overflow-wrap: anywhere; max-width: 100%; left: 0}
+/* on a phone all five tabs fit in one row instead of hiding behind a "•••" menu */
+@media (max-width: 480px) {
+  .tab-wrapper .tab-container button {padding: 0 9px !important; min-width: 0 !important}
+}
 """
 
 
@@ -211,7 +216,8 @@ def _session_limit(group: str, n_inputs: int, what: str):
 
 # -------- Data tab ---------------------------------------------------------------------------------------------
 
-DATA_OUTPUTS = ("state", "summary", "counts_plot", "gallery", "skipped", "warnings", "preset", "active", "examples")
+DATA_OUTPUTS = ("state", "summary", "counts_plot", "gallery", "skipped", "warnings", "preset", "active", "examples",
+                "dup_box", "dup_gallery", "drop_btn")
 
 
 def _loaded(state: dict, label: str, ds: Dataset, sample: str | None = None) -> tuple:
@@ -219,9 +225,25 @@ def _loaded(state: dict, label: str, ds: Dataset, sample: str | None = None) -> 
     dataset), and ``state["sample"]`` remembers which sample is loaded."""
     state["dataset"], state["source"], state["sample"] = ds, label, sample
     examples, state["examples"] = validation_examples(ds)
+    found = state["duplicates"] = duplicates.check_dataset(ds)
+    copies = len(found["train_copies"])
     return (state, dataset_summary(ds, label), plots.detached(plots.class_counts, ds.counts()), dataset_gallery(ds),
-            skipped_table(ds), dataset_warnings(ds), gr.skip() if sample else gr.update(value=None),
-            active_dataset(ds, label), examples)
+            skipped_table(ds), dataset_warnings(ds, found), gr.skip() if sample else gr.update(value=None),
+            active_dataset(ds, label), examples, gr.update(visible=found["flagged"]),
+            duplicate_gallery(ds, found) or None,
+            gr.update(visible=copies > 0, value=f"🧹 Drop the {copies} training cop{'y' if copies == 1 else 'ies'}"))
+
+
+def drop_copies(state: dict | None, request: gr.Request = None) -> tuple:
+    """Leave the near-duplicate copies out of training (``core.duplicates``: the training side of each leakage
+    and label-conflict pair, one of each repeat); the split stays. Outputs: ``DATA_OUTPUTS``."""
+    state = _state(state, request)
+    found, ds = state.get("duplicates"), state.get("dataset")
+    if ds is None or not found or not found["train_copies"]:
+        raise _fail("There are no copies to drop in this dataset.", "Nothing to drop")
+    with _errors_shown_as("Cannot drop the copies", state):
+        smaller = ds.without(found["train_copies"])
+    return _loaded(state, state["source"], smaller, sample=state.get("sample"))
 
 
 def load_sample(choice: str, state: dict | None, request: gr.Request = None) -> tuple:
@@ -566,10 +588,15 @@ def _data_tab() -> dict[str, Any]:
             counts_plot = gr.Plot(label="Images per class", show_label=False, elem_id="counts-plot")
     gallery = gr.Gallery(label="A few images per class", columns=8, height=300, format="png", object_fit="contain",
                          elem_id="data-gallery", allow_preview=True, fit_columns=False)
+    with gr.Column(visible=False, elem_id="dup-box") as dup_box:  # shown when copies are found
+        dup_gallery = gr.Gallery(label="Near-duplicate pairs (kind: first file ↔ second file)", columns=4,
+                                 height=260, format="png", object_fit="contain", elem_id="dup-gallery",
+                                 fit_columns=False)
+        drop_btn = gr.Button("🧹 Drop the copies from training", elem_id="drop-btn")
     with gr.Accordion("Skipped files (with the reason)", open=False):
         skipped = gr.Dataframe(headers=["file", "reason"], interactive=False, wrap=True, elem_id="skipped")
     return dict(preset=preset, zip_in=zip_in, summary=data_summary, warnings=warnings, counts_plot=counts_plot,
-                gallery=gallery, skipped=skipped)
+                gallery=gallery, skipped=skipped, dup_box=dup_box, dup_gallery=dup_gallery, drop_btn=drop_btn)
 
 
 def _train_settings(image_size: int) -> dict[str, Any]:
@@ -753,6 +780,7 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurre
     c["preset"].input(load_sample, [c["preset"], state], data_out, api_name="load_sample", trigger_mode="once",
                       **data(2, "dataset load"))
     c["zip_in"].upload(load_zip, [c["zip_in"], state], data_out, api_name="load_zip", **data(2))
+    c["drop_btn"].click(drop_copies, [state], data_out, api_name="drop_copies", **data(1, "dataset change"))
     # Train: the click arms a fresh cancel flag (unqueued, so Cancel works while queued), then the job waits its turn.
     train_inputs = [state, *(c[n] for n in TRAIN_INPUTS)]
     c["train_btn"].click(arm_training, [state], [state, c["status"], c["train_btn"], c["cancel_btn"]], queue=False,

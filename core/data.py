@@ -60,6 +60,18 @@ class Dataset:
     predefined_split: bool = False
     # The shares a random split was drawn with ({"val": 0.2, "test": 0.1}); empty when the folders fixed the split.
     fractions: dict[str, float] = field(default_factory=dict)
+    # Training images left out on request (near-duplicate copies, ``without``), relative to the root.
+    dropped: list[str] = field(default_factory=list)
+
+    def without(self, indices) -> Dataset:
+        """The dataset with the training images at ``indices`` (into ``items``) left out; the split is kept. Only
+        training images can be dropped: validation and test images are what the scores are measured on."""
+        drop = {int(i) for i in indices}
+        bad = sorted(i for i in drop if not 0 <= i < len(self.items) or self.items[i].split != "train")
+        if bad:
+            raise ValueError(f"Only training images can be dropped; item(s) {bad[:5]} are not training images.")
+        return dataclasses.replace(self, items=[it for k, it in enumerate(self.items) if k not in drop],
+                                   dropped=self.dropped + sorted(self.relpath(self.items[i]) for i in drop))
 
     def resplit(self, seed: int) -> Dataset:
         """The same images under another random stratified split (drawn as ``load_dataset`` draws it, from
@@ -132,6 +144,7 @@ class Dataset:
             "num_images": len(self.items),
             "predefined_split": self.predefined_split,
             "skipped": [{"file": s.file, "reason": s.reason} for s in self.skipped],
+            "dropped": list(self.dropped),
         }
 
 

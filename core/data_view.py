@@ -1,5 +1,5 @@
 """A loaded dataset for a reader: a one-paragraph summary, a few thumbnails per class, the skipped files and the
-pitfalls to check before training (class imbalance, train/validation duplicates)."""
+pitfalls to check before training (class imbalance, near-duplicate images)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from core import diagnostics
+from core import diagnostics, duplicates
 from core.data import Dataset
 from core.runtime.images import open_rgb
 from core.text import md, plain
@@ -35,7 +35,8 @@ def active_dataset(ds: Dataset | None, label: str | None) -> str:
     counts = {s: sum(c.values()) for s, c in ds.counts().items()}
     words = {"train": "training", "val": "validation", "test": "test"}
     where = " / ".join(f"{n} {words.get(s, s)}" for s, n in counts.items() if n)
-    return (f"**Dataset:** {md(label or ds.root.name)} · {len(ds.classes)} classes · {where} images "
+    dropped = f" ({len(ds.dropped)} copies dropped)" if ds.dropped else ""
+    return (f"**Dataset:** {md(label or ds.root.name)} · {len(ds.classes)} classes · {where} images{dropped} "
             "· change it on the **Data** tab")
 
 
@@ -62,6 +63,26 @@ def thumbnail(path, size: int = 112) -> Image.Image:
     return img
 
 
+def duplicate_gallery(ds: Dataset, found: dict, limit: int = 12, side: int = 112) -> list[tuple[Image.Image, str]]:
+    """The near-duplicate pairs side by side, the kinds that matter most first: ``(both thumbnails, "leakage:
+    train/a.jpg ↔ val/b.jpg")``."""
+    shown = []
+    for kind in duplicates.KINDS:
+        for pair in found["pairs"][kind]:
+            if len(shown) >= limit:
+                return shown
+            try:
+                both = Image.new("RGB", (2 * side + 4, side), "white")
+                for k, index in enumerate((pair["_i"], pair["_j"])):
+                    thumb = thumbnail(ds.items[index].path, side)
+                    both.paste(thumb, (k * (side + 4) + (side - thumb.width) // 2, (side - thumb.height) // 2))
+            except Exception:  # noqa: BLE001 - a thumbnail is optional and must never break the page
+                log.warning("duplicate pair thumbnail skipped", exc_info=True)
+                continue
+            shown.append((both, plain(f"{kind}: {pair['a']} ↔ {pair['b']}", 120)))
+    return shown
+
+
 def dataset_gallery(ds: Dataset, max_classes: int = 12) -> list[tuple[Image.Image, str]]:
     """A few ``(thumbnail, "class (split)")`` per class (six when there are at most four classes, else four)."""
     gallery = []
@@ -79,17 +100,16 @@ def skipped_table(ds: Dataset) -> pd.DataFrame:
     return pd.DataFrame([{"file": s.file, "reason": s.reason} for s in ds.skipped], columns=["file", "reason"])
 
 
-def dataset_warnings(ds: Dataset) -> str:
-    """Markdown: class balance, exact duplicates across splits (with examples), skipped files."""
+def dataset_warnings(ds: Dataset, found: dict) -> str:
+    """Markdown: class balance, near-duplicates (``core.duplicates.check_dataset``'s ``found``; the pairs are in
+    ``duplicate_gallery``), dropped copies, skipped files."""
     balance = diagnostics.class_balance(ds.counts()["train"])
-    dupes = diagnostics.duplicate_hashes_across_splits(ds.items)
-    lines = ["### Before training", ("⚠️ " if balance["flagged"] else "✅ ") + md(balance["message"])]
-    if dupes["flagged"]:
-        pairs = dupes.get("exact_duplicates", [])[:5]
-        shown = "; ".join(f"{md(ds.relpath(p['train']))} = {md(ds.relpath(p['other']))}" for p in pairs)
-        lines.append(f"⚠️ {md(dupes['message'])} Examples: {shown}")
-    else:
-        lines.append("✅ " + md(dupes["message"]))
+    lines = ["### Before training", ("⚠️ " if balance["flagged"] else "✅ ") + md(balance["message"]),
+             ("⚠️ " if found["flagged"] else "✅ ") + md(duplicates.message(found))]
+    if found["flagged"]:
+        lines[-1] += " The pairs are shown below."
+    if ds.dropped:
+        lines.append(f"ℹ️ {len(ds.dropped)} training image(s) with a copy were dropped; training uses the rest.")
     if ds.skipped:
         lines.append(f"ℹ️ {len(ds.skipped)} file(s) were skipped because they are not usable images.")
     return "\n\n".join(lines)

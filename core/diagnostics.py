@@ -121,14 +121,6 @@ def leakage(
             "near_duplicate_threshold": t.near_duplicate_cosine, "message": message}
 
 
-def duplicate_hashes_across_splits(items) -> dict:
-    """Before training: exact duplicates between train and val/test from the manifest alone."""
-    train = [i for i in items if i.split == "train"]
-    other = [i for i in items if i.split != "train"]
-    return leakage([str(i.path) for i in train], [i.sha256 for i in train],
-                   [str(i.path) for i in other], [i.sha256 for i in other])
-
-
 CHANCE_MARGIN = 0.02  # within 2 points of always answering the most common class counts as guessing
 
 

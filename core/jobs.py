@@ -228,14 +228,25 @@ class TrainingJob:
 
 class KeptRuns:
     """Each session's latest finished run, kept in memory so its scratch arm can be given more time
-    (``TrainingJob(resume=...)``): at most ``capacity`` runs in all, the least recently used dropped first. A kept
-    run holds its decoded images, both models and the scratch arm's optimizer, so only runs that can go on are
-    kept."""
+    (``TrainingJob(resume=...)``): at most ``capacity`` runs and ``max_bytes`` (``footprint``) in all, the least
+    recently used dropped first. A kept run holds its decoded images, both models and the scratch arm's optimizer,
+    so only runs that can go on are kept."""
 
-    def __init__(self, capacity: int = 2):
-        self.capacity = capacity
-        self._runs: OrderedDict[str, tuple[str, Any]] = OrderedDict()
+    def __init__(self, capacity: int = 2, max_bytes: int = 2 * 1024**3):
+        self.capacity, self.max_bytes = capacity, max_bytes
+        self._runs: OrderedDict[str, tuple[str, Any, int]] = OrderedDict()
         self._lock = threading.Lock()
+
+    @staticmethod
+    def footprint(result: Any) -> int:
+        """Bytes a kept run holds, roughly: its decoded images and crops, its models, and the scratch optimizer's
+        two moments per weight."""
+        images = sum(a.nbytes for part in (result.train, result.val, result.test) if part is not None
+                     for a in (*part.resized, part.crops))
+        weights = sum(p.numel() * p.element_size() for run in result.runs.values() for p in run.model.parameters())
+        trainer = result.runs["scratch"].trainer
+        moments = 3 * sum(p.numel() * p.element_size() for p in trainer.model.parameters()) if trainer else 0
+        return int(images + weights + moments)
 
     @staticmethod
     def can_continue(result: Any) -> bool:
@@ -250,8 +261,11 @@ class KeptRuns:
             self._runs.pop(key, None)
             if self.capacity < 1 or not self.can_continue(result):
                 return False
-            self._runs[key] = (str(run_dir), result)
-            while len(self._runs) > self.capacity:
+            size = self.footprint(result)
+            if size > self.max_bytes:
+                return False
+            self._runs[key] = (str(run_dir), result, size)
+            while len(self._runs) > self.capacity or sum(r[2] for r in self._runs.values()) > self.max_bytes:
                 self._runs.popitem(last=False)
             return True
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core import duplicates
 from core.stats import McNemarResult
 from core.text import columns, md, plain
 from export.variants import VARIANTS, variant_path
@@ -281,6 +282,8 @@ def diagnostic_items(report: dict) -> list[tuple[str, bool, str]]:
     items = [(title, d["flagged"], d["message"]) for key, title in (("imbalance", "Class imbalance"),
                                                                      ("leakage", "Train/validation leakage"))
              if (d := diag.get(key))]
+    if dupes := diag.get("duplicates"):
+        items.append(("Near-duplicate images", dupes["flagged"], duplicates.message(dupes)))
     items += [(f"{'Not learned yet' if d.get('at_chance') else 'Overfitting'} ({arm})", d["flagged"], d["message"])
               for arm, d in diag.get("overfitting", {}).items()]
     return items

@@ -30,7 +30,7 @@ import models
 from models.classifier import make_head
 from models.preprocess import ImagePreprocess
 
-from . import diagnostics, stats
+from . import diagnostics, duplicates, stats
 from .config import TrainConfig
 from .data import Dataset
 from .device import resolve_device
@@ -737,8 +737,11 @@ def _diagnostics(dataset: Dataset, classes, train, val, test, results: dict[str,
     def rel(files: list[str]) -> list[str]:
         return [dataset.relpath(f) for f in files]
 
+    items = dataset.split("train") + dataset.split("val") + dataset.split("test")  # the order of the features
+    both = np.concatenate([train_features, other_features]) if features else None
     return {
         "imbalance": diagnostics.imbalance(train_counts, val.labels, runs[main_arm], classes),
+        "duplicates": duplicates.public(duplicates.check_dataset(dataset, both, items=items)),
         "leakage": diagnostics.leakage(rel(train.files), train.hashes, rel(other_files), other_hashes,
                                        train_features, other_features),
         "overfitting": {arm: diagnostics.overfitting(run["history"], chance=chance, reported=run["val_accuracy"])

@@ -16,7 +16,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import app
@@ -102,7 +104,7 @@ def test_build_app_wires_named_events_with_concurrency_limits(app_root):
     public = {name for name, fn in fns.items() if fn.api_visibility == "public"}
     # The app's API as clients call it: these names, each on its own handler (none renamed to name_1 by a clash).
     assert public == {"load_sample", "load_zip", "train", "cancel", "threshold", "predict", "upload_model",
-                      "benchmark", "new_session", "efficiency", "more_time"}
+                      "benchmark", "new_session", "efficiency", "more_time", "drop_copies"}
     assert fns["load_sample"].fn is app.load_sample and fns["load_zip"].fn is app.load_zip
     assert fns["train"].concurrency_limit == 1 and fns["train"].concurrency_id == "train"
     assert {fns[name].concurrency_id for name in ("benchmark", "efficiency", "more_time")} == {"train"}
@@ -143,11 +145,38 @@ def test_load_sample_shows_counts_gallery_and_warnings(trained):
 
 @pytest.mark.parametrize(("preset", "expected"), [
     ("shapes (imbalanced 10:1)", "Classes are imbalanced"),
-    ("shapes (with train/val duplicates)", "Train/validation leakage"),
+    ("shapes (with train/val duplicates)", "10 training image(s) have a copy among the validation/test images"),
 ])
 def test_presets_show_the_pitfall_warnings(app_root, preset, expected):
     out = data_out(app.load_sample(preset, app.new_session()))
-    assert "⚠️" in out["warnings"] and expected in out["warnings"]
+    assert "⚠️" in out["warnings"] and expected in _unescaped(out["warnings"])
+
+
+def _unescaped(markdown: str) -> str:
+    return markdown.replace("\\", "")
+
+
+def test_near_duplicates_are_shown_in_pairs_and_dropped_from_training_on_request(app_root):
+    out = data_out(app.load_sample("shapes (with train/val duplicates)", app.new_session()))
+    assert out["dup_box"]["visible"] and out["drop_btn"]["visible"] and "10 training copies" in out["drop_btn"]["value"]
+    image, caption = out["dup_gallery"][0]
+    assert image.width > 2 * image.height and caption.startswith("leakage: train/") and "↔ val/" in caption
+    before = out["state"]["dataset"].counts()["train"]
+
+    dropped = data_out(app.drop_copies(out["state"]))
+    ds = dropped["state"]["dataset"]
+    assert sum(ds.counts()["train"].values()) == sum(before.values()) - 10 and len(ds.dropped) == 10
+    assert ds.counts()["val"] == out["state"]["dataset"].counts()["val"]  # what is scored stays the same
+    assert "No near-duplicate images found" in _unescaped(dropped["warnings"]) and not dropped["dup_box"]["visible"]
+    assert "(10 copies dropped)" in dropped["active"]
+    with pytest.raises(gr.Error, match="no copies to drop"):
+        app.drop_copies(dropped["state"])
+
+
+def test_the_clean_built_in_samples_show_no_near_duplicates(app_root):
+    for preset in ("shapes (balanced)", "shapes (imbalanced 10:1)", "digits"):
+        out = data_out(app.load_sample(preset, app.new_session()))
+        assert "No near-duplicate images found" in _unescaped(out["warnings"]), preset
 
 
 @pytest.mark.parametrize("choice", ["/etc/passwd", "../../secret", "sample:shapes?per_class=100000",
@@ -333,10 +362,19 @@ def test_more_time_goes_on_with_the_scratch_arm_and_keeps_the_export(app_root):
 def test_kept_runs_are_bounded_and_only_runs_that_can_go_on_are_kept():
     from core.jobs import KeptRuns
 
-    def result(can_go_on=True, repeats=1):
-        trainer = SimpleNamespace(can_continue=can_go_on)
-        return SimpleNamespace(runs={"scratch": SimpleNamespace(trainer=trainer)}, cfg=SimpleNamespace(repeats=repeats))
+    def result(can_go_on=True, repeats=1, images=1000):
+        weights = torch.nn.Linear(10, 1)  # 11 float32 weights: 44 bytes, and 3x that in the trainer
+        trainer = SimpleNamespace(can_continue=can_go_on, model=weights)
+        part = SimpleNamespace(resized=[np.zeros(images, np.uint8)], crops=np.zeros(0, np.uint8))
+        return SimpleNamespace(runs={"scratch": SimpleNamespace(trainer=trainer, model=weights)},
+                               cfg=SimpleNamespace(repeats=repeats), train=part, val=part, test=None)
 
+    assert KeptRuns.footprint(result()) == 2 * 1000 + 44 + 3 * 44
+    kept = KeptRuns(capacity=2, max_bytes=5000)
+    assert not kept.keep("huge", "run-h", result(images=3000))  # alone over the memory cap
+    assert kept.keep("a", "run-a", result(images=1000)) and kept.keep("b", "run-b", result(images=1000))
+    assert kept.keep("c", "run-c", result(images=1200))  # a, b and c: 6.9 kB > 5 kB, so the oldest (a) goes
+    assert kept.get("a", "run-a") is None and kept.get("b", "run-b") is not None
     kept = KeptRuns(capacity=2)
     assert kept.keep("a", "run-a", result()) and kept.keep("b", "run-b", result())
     assert kept.get("a", "run-a") is not None  # a is now the most recently used

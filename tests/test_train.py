@@ -71,7 +71,9 @@ def test_report_has_the_documented_schema(tiny_result, tmp_path):
                                           "val_accuracy", "selection_loss", "selection_accuracy"}
         assert np.sum(run["confusion_matrix"]) == sum(report["dataset"]["counts"]["val"].values())
     assert "speedup_time_to_target" in report
-    assert set(report["diagnostics"]) == {"imbalance", "leakage", "overfitting"}
+    assert set(report["diagnostics"]) == {"imbalance", "leakage", "duplicates", "overfitting"}
+    dupes = report["diagnostics"]["duplicates"]
+    assert dupes["used_features"] and set(dupes["counts"]) == {"leakage", "label conflict", "repeat"}
     assert set(report["diagnostics"]["overfitting"]) == {"pretrained", "scratch"}
     manifest = (tmp_path / "manifest.csv").read_text().splitlines()
     assert manifest[0] == "file,class,split,sha256" and len(manifest) == 31
@@ -367,6 +369,9 @@ def test_leakage_flagged_on_planted_duplicates_not_on_clean():
     assert all(p["train"] != p["other"] for p in leak["exact_duplicates"])
     clean = run_compare(load_dataset(TINY), TrainConfig(**{**FAST, "epochs": 1}), arms=("pretrained",))
     assert not clean.report["diagnostics"]["leakage"]["flagged"]
+    # the near-duplicate check after training (hashes and the pretrained features) finds the same three
+    assert leaky.report["diagnostics"]["duplicates"]["counts"]["leakage"] == 3
+    assert clean.report["diagnostics"]["duplicates"]["counts"]["leakage"] == 0
 
 
 def test_near_duplicates_found_by_feature_similarity():
