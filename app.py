@@ -28,7 +28,7 @@ from typing import Any
 import gradio as gr
 
 import models
-from core import duplicates, plots, sessions, summary, text
+from core import duplicates, plots, sessions, shortcuts, summary, text
 from core.bench_view import COLUMNS as BENCH_COLUMNS
 from core.bench_view import benchmark_md, benchmark_table, throughput_figure
 from core.config import TrainConfig
@@ -228,7 +228,8 @@ def _loaded(state: dict, label: str, ds: Dataset, sample: str | None = None) -> 
     found = state["duplicates"] = duplicates.check_dataset(ds)
     copies = len(found["train_copies"])
     return (state, dataset_summary(ds, label), plots.detached(plots.class_counts, ds.counts()), dataset_gallery(ds),
-            skipped_table(ds), dataset_warnings(ds, found), gr.skip() if sample else gr.update(value=None),
+            skipped_table(ds), dataset_warnings(ds, found, shortcuts.check_dataset(ds)),
+            gr.skip() if sample else gr.update(value=None),
             active_dataset(ds, label), examples, gr.update(visible=found["flagged"]),
             duplicate_gallery(ds, found) or None,
             gr.update(visible=copies > 0, value=f"🧹 Drop the {copies} training cop{'y' if copies == 1 else 'ies'}"))

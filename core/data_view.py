@@ -100,11 +100,13 @@ def skipped_table(ds: Dataset) -> pd.DataFrame:
     return pd.DataFrame([{"file": s.file, "reason": s.reason} for s in ds.skipped], columns=["file", "reason"])
 
 
-def dataset_warnings(ds: Dataset, found: dict) -> str:
+def dataset_warnings(ds: Dataset, found: dict, shortcut: dict) -> str:
     """Markdown: class balance, near-duplicates (``core.duplicates.check_dataset``'s ``found``; the pairs are in
-    ``duplicate_gallery``), dropped copies, skipped files."""
+    ``duplicate_gallery``), shortcuts in the files' properties (``core.shortcuts.check_dataset``), dropped copies,
+    skipped files."""
     balance = diagnostics.class_balance(ds.counts()["train"])
     lines = ["### Before training", ("⚠️ " if balance["flagged"] else "✅ ") + md(balance["message"]),
+             ("⚠️ " if shortcut["flagged"] else "✅ ") + md(shortcut["message"]),
              ("⚠️ " if found["flagged"] else "✅ ") + md(duplicates.message(found))]
     if found["flagged"]:
         lines[-1] += " The pairs are shown below."

@@ -284,6 +284,8 @@ def diagnostic_items(report: dict) -> list[tuple[str, bool, str]]:
              if (d := diag.get(key))]
     if dupes := diag.get("duplicates"):
         items.append(("Near-duplicate images", dupes["flagged"], duplicates.message(dupes)))
+    if shortcut := diag.get("shortcuts"):
+        items.append(("Shortcuts in the files", shortcut["flagged"], shortcut["message"]))
     items += [(f"{'Not learned yet' if d.get('at_chance') else 'Overfitting'} ({arm})", d["flagged"], d["message"])
               for arm, d in diag.get("overfitting", {}).items()]
     return items

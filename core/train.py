@@ -30,7 +30,7 @@ import models
 from models.classifier import make_head
 from models.preprocess import ImagePreprocess
 
-from . import diagnostics, duplicates, stats
+from . import diagnostics, duplicates, shortcuts, stats
 from .config import TrainConfig
 from .data import Dataset
 from .device import resolve_device
@@ -742,6 +742,7 @@ def _diagnostics(dataset: Dataset, classes, train, val, test, results: dict[str,
     return {
         "imbalance": diagnostics.imbalance(train_counts, val.labels, runs[main_arm], classes),
         "duplicates": duplicates.public(duplicates.check_dataset(dataset, both, items=items)),
+        "shortcuts": shortcuts.check_dataset(dataset),
         "leakage": diagnostics.leakage(rel(train.files), train.hashes, rel(other_files), other_hashes,
                                        train_features, other_features),
         "overfitting": {arm: diagnostics.overfitting(run["history"], chance=chance, reported=run["val_accuracy"])
