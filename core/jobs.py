@@ -39,6 +39,10 @@ STAGES: dict[tuple[bool, bool], dict[str, tuple[float, float]]] = {
 }
 
 
+# A resumed scratch arm (``TrainingJob(resume=...)``): its more time is the whole bar; the export is kept.
+RESUMED = {"scratch": (0.0, 0.95), "done": (0.95, 0.95), "export": (0.95, 1.0)}
+
+
 @dataclass(frozen=True)
 class Progress:
     overall: float  # 0..1 over the whole job
@@ -100,9 +104,11 @@ class Cancelled:
 Event = Progress | Epoch | Finished | Failed | Cancelled
 
 
-def overall_fraction(stage: str, fraction: float, *, scratch: bool, unfreeze: bool) -> float:
-    """A stage's own fraction as a fraction of the whole job (unknown stages span the whole bar)."""
-    lo, hi = STAGES[bool(scratch), bool(unfreeze)].get(stage, (0.0, 1.0))
+def overall_fraction(stage: str, fraction: float, *, scratch: bool = True, unfreeze: bool = False,
+                     stages: dict[str, tuple[float, float]] | None = None) -> float:
+    """A stage's own fraction as a fraction of the whole job (unknown stages span the whole bar); ``stages``
+    replaces the table ``STAGES`` picks by ``scratch`` and ``unfreeze``."""
+    lo, hi = (stages or STAGES[bool(scratch), bool(unfreeze)]).get(stage, (0.0, 1.0))
     return lo + (hi - lo) * fraction
 
 
@@ -198,8 +204,9 @@ class TrainingJob:
                     budget_left = (budget - (now - arm_start)
                                    if budget and stage in ("features", "pretrained", "scratch") else None)
                     done = (frac - frac0) / (1 - frac0) if frac0 < 1 else 1.0  # a resumed arm starts partway
-                    pending = Progress(overall_fraction(stage, frac, scratch=scratch, unfreeze=unfreeze), stage,
-                                       msg or stage, now - start,
+                    overall = (overall_fraction(stage, done, stages=RESUMED) if self.resume is not None
+                               else overall_fraction(stage, frac, scratch=scratch, unfreeze=unfreeze))
+                    pending = Progress(overall, stage, msg or stage, now - start,
                                        stage_time_left(done, now - stage_start, budget_left))
                 elif kind == "epoch":
                     _, arm, record = item

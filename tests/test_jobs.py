@@ -6,7 +6,7 @@ import pytest
 
 from core.config import TrainConfig
 from core.data import load_dataset
-from core.jobs import Finished, Progress, TrainingJob, stage_time_left, status_line
+from core.jobs import Cancelled, Epoch, Finished, Progress, TrainingJob, stage_time_left, status_line
 
 
 def test_time_left_follows_the_pace_and_never_exceeds_the_budget():
@@ -37,3 +37,27 @@ def test_the_export_reports_its_steps_in_order(tmp_path, lab_cache):
     variants = next(i for i, m in enumerate(steps) if "variants" in m)
     assert tracing < variants
     assert any(e.left is not None for e in events if isinstance(e, Progress) and e.stage == "pretrained")
+
+
+def test_a_resumed_job_continues_the_curve_and_a_cancelled_one_leaves_the_run_as_it_was(tmp_path, lab_cache):
+    ds = load_dataset("sample:shapes?per_class=8&size=32")
+    cfg = TrainConfig(image_size=32, epochs=3, device="cpu", batch_size=8, budget_seconds=1e-3,
+                      feature_engine="torch")
+    first = list(TrainingJob(ds, cfg, tmp_path / "run", progress_interval=0.0).events())[-1]
+    assert isinstance(first, Finished)
+    before = first.result.report["runs"]["scratch"]["history"]
+
+    events = list(TrainingJob(ds, cfg, tmp_path / "run", progress_interval=0.0, resume=first.result,
+                              more_seconds=1e-3).events())
+    done = events[-1]
+    assert isinstance(done, Finished)
+    bar = [e.overall for e in events if isinstance(e, Progress) and e.stage == "scratch"]
+    assert bar[0] < 0.5 and bar == sorted(bar)  # the more time is the whole bar, not the tail of the first run's
+    (epoch,) = [e for e in events if isinstance(e, Epoch)]  # one more batch: one more point on the same curve
+    assert epoch.history["scratch"][:-1] == before and len(epoch.history["pretrained"]) >= 1
+    kept = (tmp_path / "run" / "report.json").read_text()
+
+    job = TrainingJob(ds, cfg, tmp_path / "run", progress_interval=0.0, resume=done.result, more_seconds=600)
+    job.cancel()
+    assert isinstance(list(job.events())[-1], Cancelled)
+    assert (tmp_path / "run" / "report.json").read_text() == kept  # nothing lost, nothing half-written
