@@ -50,6 +50,7 @@ class Progress:
     message: str
     elapsed: float  # seconds since the job started
     left: float | None = None  # estimated seconds left in this stage (None: too early to tell)
+    stage_done: float | None = None  # 0..1 of this stage: its own fraction, or of its time budget if further
 
 
 STAGE_WORDS = {"decode": "Reading the images", "features": "Pretrained arm: computing features",
@@ -68,13 +69,14 @@ def stage_time_left(fraction: float, stage_elapsed: float, budget_left: float | 
 
 def status_line(event: Progress, width: int = 20) -> str:
     """The status while a job runs, the page's only progress display: the stage in words and, once known, the time
-    left in it; below, one bar for the whole run with its percentage and the time so far (the stage's counts stay in
-    the per-epoch log)."""
+    left in it; below, one bar for this stage with its percentage, and the time since the button was pressed (the
+    stage's counts stay in the per-epoch log)."""
     left = f" · about {event.left:.0f} s left in this step" if event.left is not None else ""
-    filled = min(width, max(0, round(event.overall * width)))
+    share = event.overall if event.stage_done is None else event.stage_done
+    filled = min(width, max(0, round(share * width)))
     bar = "▰" * filled + "▱" * (width - filled)
     return (f"⏳ **{STAGE_WORDS.get(event.stage, event.stage)}**{left}\n\n"
-            f"`{bar}` {event.overall:.0%} of the run · {event.elapsed:.0f} s so far")
+            f"`{bar}` {share:.0%} of this step · {event.elapsed:.0f} s since you pressed the button")
 
 
 @dataclass(frozen=True)
@@ -206,8 +208,11 @@ class TrainingJob:
                     done = (frac - frac0) / (1 - frac0) if frac0 < 1 else 1.0  # a resumed arm starts partway
                     overall = (overall_fraction(stage, done, stages=RESUMED) if self.resume is not None
                                else overall_fraction(stage, frac, scratch=scratch, unfreeze=unfreeze))
+                    # a budget usually stops scratch long before its epochs: the bar moves with the clock then
+                    spent = 1 - budget_left / budget if budget_left is not None else 0.0
                     pending = Progress(overall, stage, msg or stage, now - start,
-                                       stage_time_left(done, now - stage_start, budget_left))
+                                       stage_time_left(done, now - stage_start, budget_left),
+                                       min(1.0, max(done, spent)))
                 elif kind == "epoch":
                     _, arm, record = item
                     history.setdefault(arm, []).append(record)

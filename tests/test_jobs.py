@@ -18,12 +18,23 @@ def test_time_left_follows_the_pace_and_never_exceeds_the_budget():
 
 
 def test_status_line_names_the_stage_and_time_once():
-    line = status_line(Progress(0.5, "scratch", "scratch epoch 3/10, batch 2/5", 42.4, 17.6), width=10)
+    line = status_line(Progress(0.5, "scratch", "scratch epoch 3/10, batch 2/5", 42.4, 17.6, 0.7), width=10)
     assert line == ("⏳ **Scratch arm: training** · about 18 s left in this step\n\n"
-                    "`▰▰▰▰▰▱▱▱▱▱` 50% of the run · 42 s so far")
+                    "`▰▰▰▰▰▰▰▱▱▱` 70% of this step · 42 s since you pressed the button")
     assert "3/10" not in line  # one counter: the epoch and batch counts stay in the per-epoch log
-    early = status_line(Progress(0.04, "decode", "decoded 16/400 images", 1.0, None), width=10)
-    assert "left" not in early and "`▱▱▱▱▱▱▱▱▱▱` 4% of the run" in early
+    early = status_line(Progress(0.04, "decode", "decoded 16/400 images", 1.0, None, 0.04), width=10)
+    assert "left" not in early and "`▱▱▱▱▱▱▱▱▱▱` 4% of this step" in early
+
+
+def test_a_stage_bar_follows_the_budget_when_the_budget_will_stop_the_arm_first(tmp_path, lab_cache):
+    ds = load_dataset("sample:shapes?per_class=8&size=32")
+    cfg = TrainConfig(image_size=32, epochs=500, device="cpu", batch_size=8, budget_seconds=3,
+                      feature_engine="torch", train_scratch=True)
+    events = list(TrainingJob(ds, cfg, tmp_path / "run", progress_interval=0.0).events())
+    scratch = [e for e in events if isinstance(e, Progress) and e.stage == "scratch"]
+    last = scratch[-1]
+    assert last.overall < 0.45  # 500 epochs: the run's own fraction hardly moves...
+    assert last.stage_done > 0.8  # ...while the 3 s budget, which stops it, is nearly spent
 
 
 def test_the_export_reports_its_steps_in_order(tmp_path, lab_cache):
