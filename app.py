@@ -92,8 +92,8 @@ INTRO = """
 # 🔬 Transfer Lab
 What does a pretrained network buy you? Train a new classifier head on a **frozen pretrained backbone** and the
 **same network from scratch** on your images, compare them side by side, try the exported model, and download it.
-**Press _Train_ below**: a built-in sample is loaded, and each arm stops at its time budget. Your own images: upload
-a `.zip` of class folders on the _Data_ tab.
+**Press _Train_ below** to try it on the built-in sample the page starts with, or first upload a `.zip` of class
+folders of your own images on the _Data_ tab. Each arm stops at its time budget.
 """
 
 CSS = """
@@ -357,8 +357,12 @@ def more_time(state: dict | None, request: gr.Request = None) -> Iterator[tuple]
     state = _state(state, request)
     kept = KEPT.get(state["sid"], state.get("run_dir"))
     if kept is None:
-        raise _fail("This run can no longer go on: the server keeps only the latest runs in memory. Press Train to "
-                    "train again (with a larger time budget for scratch to get further).", "Cannot go on")
+        if not state.get("run_dir"):
+            raise _fail("Train first: more time goes to the scratch arm of this session's last run.", "Cannot go on")
+        why = (state.get("continuable") or "the server keeps only the latest few runs in memory, and this one was "
+               "let go")
+        raise _fail(f"This run can no longer go on: {why}. Press Train to train again (a larger time budget lets "
+                    "scratch get further).", "Cannot go on")
     if state["cancel"].is_set():
         state["cancel"] = threading.Event()
         yield _out(TRAIN_OUTPUTS, state=state, status="🛑 Cancelled before training started.", **_IDLE)
@@ -374,6 +378,18 @@ def more_time(state: dict | None, request: gr.Request = None) -> Iterator[tuple]
                  curves=plots.detached(plots.learning_curves, live_runs(job.history(), kept.cfg.target_accuracy),
                                        kept.cfg.target_accuracy))
     yield from _stream(state, job, log_lines, first)
+
+
+def _why_not_continuable(result) -> str:
+    """Why a finished run's scratch arm cannot be given more time, in the words of the refusal."""
+    run = result.runs.get("scratch")
+    if run is None:
+        return "it trained no scratch arm"
+    if result.cfg is not None and result.cfg.repeats > 1:
+        return "it ran repeats"
+    if run.trainer is not None and not run.trainer.can_continue:
+        return f"its scratch arm finished all its {result.cfg.epochs} epochs (raise the epochs to train it longer)"
+    return "it is too large to keep in memory"
 
 
 def more_seconds(cfg: TrainConfig) -> float:
@@ -399,10 +415,13 @@ def _stream(state: dict, job: TrainingJob, log_lines: list[str], first: dict) ->
                 yield _out(TRAIN_OUTPUTS, log="\n".join(log_lines), curves=curves)
     if isinstance(event, Cancelled):
         state["cancel"] = threading.Event()
-        again = ("🛑 Cancelled: the results below are as they were." if job.resume is not None
-                 else "🛑 Training cancelled. Change the settings and train again.")
+        again = "🛑 Training cancelled. Change the settings and train again."
+        if job.resume is not None:  # its scratch arm trained on past the results shown: it cannot go on from them
+            KEPT.drop(state["sid"])
+            state["continuable"] = "its more time was cancelled partway"
+            again = "🛑 Cancelled: the results below are as they were. To go further, train again."
         yield _out(TRAIN_OUTPUTS, state=state, status=again, log="\n".join([*log_lines, "cancelled"]), **_IDLE,
-                   more_box=gr.update(visible=job.resume is not None and KEPT.can_continue(job.resume)))
+                   more_box=gr.update(visible=False))
         return
     if isinstance(event, Failed):
         raise _error(event.error, "Training failed", state, "Try a smaller image size or fewer epochs.")
@@ -411,6 +430,7 @@ def _stream(state: dict, job: TrainingJob, log_lines: list[str], first: dict) ->
     SESSIONS.prune_runs(finished.run_dir.parent)
     views = results_views(finished.result.report, finished.result, finished.run_dir, state)
     kept = KEPT.keep(state["sid"], finished.run_dir, finished.result)
+    state["continuable"] = None if kept else _why_not_continuable(finished.result)
     log_lines.append(f"finished in {finished.elapsed:.1f} s; files in the Export tab")
     yield _out(TRAIN_OUTPUTS, state=state, log="\n".join(log_lines), **views, **_IDLE,
                results_box=gr.update(visible=True), more_box=gr.update(visible=kept),
@@ -590,8 +610,8 @@ def _data_tab() -> dict[str, Any]:
     gallery = gr.Gallery(label="A few images per class", columns=8, height=300, format="png", object_fit="contain",
                          elem_id="data-gallery", allow_preview=True, fit_columns=False)
     with gr.Column(visible=False, elem_id="dup-box") as dup_box:  # shown when copies are found
-        dup_gallery = gr.Gallery(label="Near-duplicate pairs (kind: first file ↔ second file)", columns=4,
-                                 height=260, format="png", object_fit="contain", elem_id="dup-gallery",
+        dup_gallery = gr.Gallery(label="Near-duplicate pairs (kind: first file ↔ second file)", columns=3,
+                                 height=300, format="png", object_fit="contain", elem_id="dup-gallery",
                                  fit_columns=False)
         drop_btn = gr.Button("🧹 Drop the copies from training", elem_id="drop-btn")
     with gr.Accordion("Skipped files (with the reason)", open=False):
@@ -663,9 +683,9 @@ def _results() -> dict[str, Any]:
     c: dict[str, Any] = {}
     gr.Markdown("## Results")
     c["speedup"] = gr.Markdown(elem_id="speedup")
-    with gr.Row(visible=False, elem_id="more-box", equal_height=True) as c["more_box"]:  # scratch stopped by its budget
+    with gr.Column(visible=False, elem_id="more-box") as c["more_box"]:  # scratch stopped by its budget
         c["more_md"] = gr.Markdown(elem_id="more-md")
-        c["more_btn"] = gr.Button("⏩ Give scratch more time", elem_id="more-btn", scale=0, min_width=220)
+        c["more_btn"] = gr.Button("⏩ Give scratch more time", elem_id="more-btn", size="md")
     c["results"] = gr.Dataframe(headers=["metric"], label="Side by side (validation set)", interactive=False,
                                 elem_id="results-table")
     with gr.Row(equal_height=False):

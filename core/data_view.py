@@ -79,7 +79,8 @@ def duplicate_gallery(ds: Dataset, found: dict, limit: int = 12, side: int = 112
             except Exception:  # noqa: BLE001 - a thumbnail is optional and must never break the page
                 log.warning("duplicate pair thumbnail skipped", exc_info=True)
                 continue
-            shown.append((both, plain(f"{kind}: {pair['a']} ↔ {pair['b']}", 120)))
+            names = (Path(pair["a"]).name, Path(pair["b"]).name)  # the full paths are in report.json
+            shown.append((both, plain(f"{kind}: {names[0]} ↔ {names[1]}", 90)))
     return shown
 
 

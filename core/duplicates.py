@@ -246,10 +246,15 @@ def message(found: dict) -> str:
         return f"No near-duplicate images found ({how}: resized, recompressed, mirrored or greyscale copies count)."
     parts = []
     if c["leakage"]:
-        parts.append(f"{c['leakage']} training image(s) have a copy among the validation/test images: the scores "
-                     "are inflated, because the model is tested on pictures it trained on")
+        parts.append(f"{c['leakage']} pair(s) join a training image to a copy among the validation/test images: the "
+                     "scores are inflated, because the model is tested on pictures it trained on")
     if c["label conflict"]:
         parts.append(f"{c['label conflict']} pair(s) of copies carry different classes: at least one label is wrong")
     if c["repeat"]:
         parts.append(f"{c['repeat']} pair(s) of copies sit in the same class and split: they add no information")
-    return "Near-duplicates: " + "; ".join(parts) + ". Drop the copies from training and train again."
+    copies = len(found["train_copies"]) if "train_copies" in found else found.get("n_train_copies", 0)
+    advice = ("Drop the copies from training and train again." if copies else
+              "None of them is a training image, so dropping cannot help: remove one image of each pair from the "
+              "validation or test folder.")
+    return ("Near-duplicates (the same picture twice, perhaps resized, cropped, mirrored or recoloured): "
+            + "; ".join(parts) + ". " + advice)

@@ -71,7 +71,8 @@ def status_line(event: Progress, width: int = 20) -> str:
     """The status while a job runs, the page's only progress display: the stage in words and, once known, the time
     left in it; below, one bar for this stage with its percentage, and the time since the button was pressed (the
     stage's counts stay in the per-epoch log)."""
-    left = f" · about {event.left:.0f} s left in this step" if event.left is not None else ""
+    left = ("" if event.left is None else " · finishing the current batch" if event.left < 1
+            else f" · about {event.left:.0f} s left in this step")
     share = event.overall if event.stage_done is None else event.stage_done
     filled = min(width, max(0, round(share * width)))
     bar = "▰" * filled + "▱" * (width - filled)
@@ -189,6 +190,22 @@ class TrainingJob:
         last = 0.0
         began: dict[str, tuple[float, float]] = {}  # when each stage first reported, and its fraction then
         budget = self.more_seconds if self.resume is not None else self.cfg.budget_seconds
+        current: tuple | None = None  # the latest (stage, fraction, message) the worker reported
+
+        def progress_at(now: float, stage: str, frac: float, msg: str) -> Progress:
+            stage_start, frac0 = began[stage]
+            # an arm's budget clock starts with its first stage (the pretrained arm's with its features)
+            arm_start = began.get("features", began[stage])[0] if stage == "pretrained" else stage_start
+            budget_left = (budget - (now - arm_start)
+                           if budget and stage in ("features", "pretrained", "scratch") else None)
+            done = (frac - frac0) / (1 - frac0) if frac0 < 1 else 1.0  # a resumed arm starts partway
+            overall = (overall_fraction(stage, done, stages=RESUMED) if self.resume is not None
+                       else overall_fraction(stage, frac, scratch=scratch, unfreeze=unfreeze))
+            # a budget usually stops scratch long before its epochs: the bar moves with the clock then
+            spent = 1 - budget_left / budget if budget_left is not None else 0.0
+            return Progress(overall, stage, msg or stage, now - start,
+                            stage_time_left(done, now - stage_start, budget_left), min(1.0, max(done, spent)))
+
         worker.start()
         try:
             while True:
@@ -199,20 +216,11 @@ class TrainingJob:
                 now = time.perf_counter()
                 kind = item[0] if item else None
                 if kind == "progress":
-                    _, stage, frac, msg = item
-                    stage_start, frac0 = began.setdefault(stage, (now, frac))
-                    # an arm's budget clock starts with its first stage (the pretrained arm's with its features)
-                    arm_start = began.get("features", began[stage])[0] if stage == "pretrained" else stage_start
-                    budget_left = (budget - (now - arm_start)
-                                   if budget and stage in ("features", "pretrained", "scratch") else None)
-                    done = (frac - frac0) / (1 - frac0) if frac0 < 1 else 1.0  # a resumed arm starts partway
-                    overall = (overall_fraction(stage, done, stages=RESUMED) if self.resume is not None
-                               else overall_fraction(stage, frac, scratch=scratch, unfreeze=unfreeze))
-                    # a budget usually stops scratch long before its epochs: the bar moves with the clock then
-                    spent = 1 - budget_left / budget if budget_left is not None else 0.0
-                    pending = Progress(overall, stage, msg or stage, now - start,
-                                       stage_time_left(done, now - stage_start, budget_left),
-                                       min(1.0, max(done, spent)))
+                    current = item[1:]
+                    began.setdefault(current[0], (now, current[1]))
+                    pending = progress_at(now, *current)
+                elif kind is None and current is not None and now - last >= max(self.progress_interval, 1.0):
+                    pending = progress_at(now, *current)  # a slow batch: the clock and the budget still move
                 elif kind == "epoch":
                     _, arm, record = item
                     history.setdefault(arm, []).append(record)

@@ -132,12 +132,14 @@ GLOSSARY = """
 
 
 def epochs_cell(report: dict, run: dict) -> str:
-    """"7 / 15", or "1 / 1.4 of 10 (time limit)" when the budget stopped the arm."""
+    """"7 / 15", or "0.4 / 1.4 of 10 (time limit)" when the budget stopped the arm (the epoch kept counted in
+    epochs of training behind it, so a kept evaluation midway through an epoch is not called a whole one)."""
     done = run.get("epochs_done", run.get("epochs_run", len(run.get("history", []))))
+    kept = run.get("kept_at_epochs", run.get("best_epoch"))
     planned = (report.get("config") or {}).get("epochs")
     if run.get("stopped_by_budget") and planned:
-        return f"{run.get('best_epoch')} / {done:g} of {planned} (time limit)"
-    return f"{run.get('best_epoch')} / {done:g}"
+        return f"{kept:g} / {done:g} of {planned} (time limit)"
+    return f"{kept:g} / {done:g}"
 
 
 def at_chance(report: dict, arm: str) -> bool:

@@ -151,24 +151,29 @@ class _EpochLog:
     def __init__(self, arm: str, cfg: TrainConfig, callbacks: Callbacks, start: float):
         self.arm, self.cfg, self.callbacks, self.start = arm, cfg, callbacks, start
         self.limit = cfg.budget_seconds  # seconds of training allowed (``NetworkTrainer.extend`` raises it)
+        self.granted = cfg.budget_seconds  # the budget plus any more time given: what the report calls the budget
         self.history: list[dict] = []
         self.best: dict | None = None
         self.best_state: dict | None = None
         self.stopped_by_budget = False
 
-    def out_of_time(self) -> bool:
-        return self.limit is not None and time.perf_counter() - self.start >= self.limit
+    def out_of_time(self, ahead: float = 0.0) -> bool:
+        """Whether the budget is spent, or would be ``ahead`` seconds from now (the next batch and evaluation: an
+        arm stops before a batch it has no time for, rather than overrunning its budget by one)."""
+        return self.limit is not None and time.perf_counter() - self.start + ahead >= self.limit
 
     def summary(self) -> dict:
         """For the report: how much training happened (epochs, fractional when the budget cut one short)."""
+        def at(record: dict) -> float:  # epochs of training behind a record
+            return record["epoch"] - 1 + record.get("epoch_fraction", 1.0)
+
         last = self.history[-1] if self.history else {"epoch": 0}
-        done = last["epoch"] - 1 + last.get("epoch_fraction", 1.0)
-        return {"epochs_done": round(done, 2), "stopped_by_budget": self.stopped_by_budget,
-                "budget_seconds": self.limit}
+        return {"epochs_done": round(at(last), 2), "kept_at_epochs": round(at(self.best), 2) if self.best else None,
+                "stopped_by_budget": self.stopped_by_budget, "budget_seconds": self.granted}
 
     def end_epoch(self, epoch: int, train_loss: float, train_accuracy: float, val_loss: float, val_accuracy: float,
                   state: Callable[[], dict], selection: tuple[float, float] | None = None,
-                  fraction: float = 1.0) -> bool:
+                  fraction: float = 1.0, stopped: bool = False) -> bool:
         """``selection``: (loss, accuracy) on the held-out selection images, or None when there are none.
         ``fraction``: the share of the epoch's batches that ran (below 1 when the budget stopped it midway). Returns
         whether the time budget is spent (training stops)."""
@@ -184,7 +189,7 @@ class _EpochLog:
             self.best, self.best_state = record, state()
         if self.callbacks.epoch is not None:
             self.callbacks.epoch(self.arm, record)
-        spent = self.limit is not None and record["seconds"] >= self.limit
+        spent = stopped or (self.limit is not None and record["seconds"] >= self.limit)
         self.stopped_by_budget = (spent and epoch < self.cfg.epochs) or fraction < 1.0
         return spent
 
@@ -399,6 +404,7 @@ class NetworkTrainer:
         self.trained_seconds = 0.0  # training time so far (the pauses between ``run`` calls not counted)
         # where the next batch starts: the epoch, its shuffled order, the next batch's offset and the running sums
         self.epoch, self.perm, self.offset, self.sums = 1, None, 0, (0.0, 0, 0)
+        self.batch_seconds = self.eval_seconds = 0.0  # recent costs: is there time for one more?
 
     @property
     def can_continue(self) -> bool:
@@ -408,6 +414,7 @@ class NetworkTrainer:
     def extend(self, seconds: float) -> None:
         """Give ``run`` ``seconds`` more of training time than it has used so far."""
         self.log.limit = self.trained_seconds + seconds
+        self.log.granted = (self.log.granted or 0.0) + seconds
 
     def _forward(self, batch_nhwc: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(batch_nhwc.to(self.device, non_blocking=True))
@@ -430,6 +437,8 @@ class NetworkTrainer:
         cfg, train, log = self.cfg, self.train, self.log
         log.callbacks, log.start = callbacks, time.perf_counter() - self.trained_seconds
         y_val = torch.from_numpy(self.val.labels)
+        at = self.epoch - 1 + (self.offset / len(self.perm) if self.perm is not None else 0.0)
+        callbacks.report(self.arm, at / cfg.epochs, f"{self.arm}: starting at epoch {at:.2f} of {cfg.epochs}")
         try:
             while self.epoch <= cfg.epochs:
                 # forward/backward with augmentation, from where the last call stopped
@@ -440,6 +449,7 @@ class NetworkTrainer:
                 loss_sum, correct, seen = self.sums
                 stopped = False
                 while self.offset < len(self.perm) and not stopped:
+                    began = time.perf_counter()
                     idx = self.perm[self.offset : self.offset + cfg.batch_size].tolist()
                     batch = torch.stack([self.augment(torch.from_numpy(train.resized[j]).permute(2, 0, 1))
                                          .permute(1, 2, 0) for j in idx])
@@ -459,18 +469,23 @@ class NetworkTrainer:
                     step = math.ceil(self.offset / cfg.batch_size)
                     callbacks.report(self.arm, (self.epoch - 1 + step / self.steps_per_epoch) / cfg.epochs,
                                      f"{self.arm} epoch {self.epoch}/{cfg.epochs}, batch {step}/{self.steps_per_epoch}")
-                    stopped = log.out_of_time()  # after every batch: one slow epoch cannot overrun the budget
+                    took = time.perf_counter() - began
+                    self.batch_seconds = took if not self.batch_seconds else 0.7 * self.batch_seconds + 0.3 * took
+                    # after every batch: no batch starts that the budget has no room for (nor its evaluation)
+                    stopped = log.out_of_time(ahead=self.batch_seconds + self.eval_seconds)
                 # evaluate
+                began = time.perf_counter()
                 val_loss, val_acc = _evaluate_logits(self.predict(self.val.crops), y_val)
                 chosen_on = (_evaluate_logits(self.predict(self.held_out.crops), torch.from_numpy(self.held_out.labels))
                              if self.held_out is not None else None)
+                self.eval_seconds = time.perf_counter() - began
                 finished = self.offset >= len(self.perm)
                 epoch = self.epoch
                 if finished:
                     self.epoch, self.perm = self.epoch + 1, None
                 # log / stop
                 if log.end_epoch(epoch, loss_sum / seen, correct / seen, val_loss, val_acc, state=self._weights,
-                                 selection=chosen_on, fraction=seen / len(train.resized)):
+                                 selection=chosen_on, fraction=seen / len(train.resized), stopped=stopped):
                     break
         finally:
             self.trained_seconds = time.perf_counter() - log.start

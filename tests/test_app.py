@@ -145,7 +145,7 @@ def test_load_sample_shows_counts_gallery_and_warnings(trained):
 
 @pytest.mark.parametrize(("preset", "expected"), [
     ("shapes (imbalanced 10:1)", "Classes are imbalanced"),
-    ("shapes (with train/val duplicates)", "10 training image(s) have a copy among the validation/test images"),
+    ("shapes (with train/val duplicates)", "10 pair(s) join a training image to a copy among the validation/test"),
 ])
 def test_presets_show_the_pitfall_warnings(app_root, preset, expected):
     out = data_out(app.load_sample(preset, app.new_session()))
@@ -160,7 +160,7 @@ def test_near_duplicates_are_shown_in_pairs_and_dropped_from_training_on_request
     out = data_out(app.load_sample("shapes (with train/val duplicates)", app.new_session()))
     assert out["dup_box"]["visible"] and out["drop_btn"]["visible"] and "10 training copies" in out["drop_btn"]["value"]
     image, caption = out["dup_gallery"][0]
-    assert image.width > 2 * image.height and caption.startswith("leakage: train/") and "↔ val/" in caption
+    assert image.width > 2 * image.height and re.fullmatch(r"leakage: \S+\.png ↔ \S+\.png", caption)
     before = out["state"]["dataset"].counts()["train"]
 
     dropped = data_out(app.drop_copies(out["state"]))
@@ -354,9 +354,31 @@ def test_more_time_goes_on_with_the_scratch_arm_and_keeps_the_export(app_root):
 
     app.KEPT.drop(state["sid"])  # the server let the run go (memory): a clear refusal, the results stay
     state, *_ = app.arm_training(state)
-    with pytest.raises(gr.Error, match="can no longer go on"):
+    with pytest.raises(gr.Error, match="can no longer go on: the server keeps only the latest few runs"):
         next(app.more_time(state))
     assert json.loads((run_dir / "report.json").read_text()) == after
+
+
+def test_more_time_says_why_a_run_cannot_go_on_and_a_cancelled_one_stops_there(app_root, trained):
+    with pytest.raises(gr.Error, match="Train first"):
+        next(app.more_time(app.new_session()))
+    with pytest.raises(gr.Error, match="finished all its 1 epochs"):  # budget None: it trained every epoch
+        next(app.more_time(trained["state"]))
+
+    state = data_out(app.load_sample(TINY, app.new_session()))["state"]
+    final, _ = run_train(state, epochs=50, budget=0.001)
+    state, *_ = app.arm_training(final["state"])
+    app.cancel_training(state)  # cancelled while waiting: nothing trained, the run can still go on
+    assert "Cancelled before" in dict(zip(app.TRAIN_OUTPUTS, next(app.more_time(state))))["status"]
+    state, *_ = app.arm_training(state)
+    run = app.more_time(state)
+    next(run)
+    app.cancel_training(state)  # cancelled partway: its scratch arm moved past the results shown
+    last = [dict(zip(app.TRAIN_OUTPUTS, u)) for u in run][-1]
+    assert "results below are as they were" in last["status"] and not last["more_box"]["visible"]
+    state, *_ = app.arm_training(state)
+    with pytest.raises(gr.Error, match="its more time was cancelled partway"):
+        next(app.more_time(state))
 
 
 def test_kept_runs_are_bounded_and_only_runs_that_can_go_on_are_kept():

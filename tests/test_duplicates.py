@@ -90,6 +90,10 @@ def test_pairs_are_named_by_what_they_do_and_the_training_copies_to_drop(planted
     public = duplicates.public(found)
     assert "train_copies" not in public and all("_i" not in p for ps in public["pairs"].values() for p in ps)
     assert "Drop the copies from training" in duplicates.message(found)
+    only_validation = [item(k, "val", 0) for k in range(36)]  # copies, but none of them trains
+    found = duplicates.find_duplicates(only_validation, hashes, name=lambda it: it.path.name)
+    assert found["counts"]["repeat"] == 6 and not found["train_copies"]
+    assert "dropping cannot help" in duplicates.message(found) and "Drop the copies" not in duplicates.message(found)
 
 
 def test_identical_files_pair_even_when_too_small_to_hash(tmp_path):

@@ -547,7 +547,7 @@ def test_the_time_budget_stops_an_epoch_midway_and_the_headline_says_so(_session
     (only,) = run["history"]  # the budget ran out during the first epoch, after its first batch
     assert only["epoch_fraction"] == pytest.approx(8 / 21, abs=1e-3)  # 24 training images, 3 held out for selection
     assert run["stopped_by_budget"] and run["epochs_done"] == pytest.approx(0.38, abs=0.01)
-    assert epochs_cell(result.report, run) == "1 / 0.38 of 5 (time limit)"
+    assert epochs_cell(result.report, run) == "0.38 / 0.38 of 5 (time limit)"  # the kept evaluation, midway
     assert "when the 0.001 s time limit stopped it after 0.38 of 5 epochs" in headline(result.report)
 
 
