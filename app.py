@@ -342,6 +342,7 @@ def train(state: dict | None, backbone: str, epochs: float, budget: float | None
     with _errors_shown_as("Cannot train now", state):
         SESSIONS.reserve(state, sessions.TRAIN_RUN_BYTES)
     KEPT.drop(state["sid"])  # a new run replaces the kept one: free its memory before training
+    state["continuable"] = "a newer training was started"  # what more time says if this one fails
     job = TrainingJob(state["dataset"], cfg, SESSIONS.new_run_dir(state), state["cancel"])
     log_lines = [f"dataset: {state.get('source')}  backbone: {cfg.backbone}  epochs: {cfg.epochs}  "
                  f"image size: {cfg.image_size or 'auto'}  device: {cfg.device}"]

@@ -26,6 +26,7 @@ test: inflates the scores), ``label conflict`` (the same picture under two class
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import OrderedDict
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("leakage", "label conflict", "repeat")
 VARIANTS = ("image", "mirror", "crop 90%", "crop 80%")  # the hashes kept per image, in this order
+MAX_PAIRS = 20_000  # pairs looked at, at most: beyond this the counts are lower bounds ("truncated")
 
 
 @dataclass(frozen=True)
@@ -147,10 +149,10 @@ def cosines(features: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
 
 
 def near_pairs(hashes: np.ndarray, features: np.ndarray | None = None, rule: Rule = DEFAULT,
-               keys: Sequence[str] | None = None, block: int = 512) -> list[tuple]:
-    """``(i, j, pHash distance, cosine or None)`` for every near-duplicate pair ``i < j`` under ``rule``; with
-    ``keys`` (content hashes) identical files pair too, however small. Computed ``block`` rows at a time, so 20,000
-    images need tens of MB, not gigabytes."""
+               keys: Sequence[str] | None = None, block: int = 512, limit: int = MAX_PAIRS) -> list[tuple]:
+    """``(i, j, pHash distance, cosine or None)`` for near-duplicate pairs ``i < j`` under ``rule``, identical files
+    first (``keys``: content hashes; they pair however small); at most ``limit`` pairs (an upload of one picture
+    5,000 times has 12 million). Computed ``block`` rows at a time, so 20,000 images need tens of MB."""
     n = len(hashes)
     set_bits = np.bitwise_count(hashes[:, 0])
     usable = ((set_bits >= rule.min_set_bits) & (set_bits <= 64 - rule.min_set_bits)).all(axis=1)
@@ -158,12 +160,20 @@ def near_pairs(hashes: np.ndarray, features: np.ndarray | None = None, rule: Rul
     if features is not None:
         unit = np.asarray(features, dtype=np.float32)
         unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+
+    def cosine(a: int, b: int) -> float | None:
+        return None if unit is None else round(float(unit[a] @ unit[b]), 4)
+
     same: dict[str, list[int]] = {}
     for k, key in enumerate(keys or []):
         same.setdefault(key, []).append(k)
-    exact = {(a, b) for group in same.values() for x, a in enumerate(group) for b in group[x + 1 :]}
-    pairs = []
+    pairs = list(itertools.islice(((a, b, 0, cosine(a, b)) for group in same.values()
+                                   for a, b in itertools.combinations(group, 2)), limit))
+    exact = {(a, b) for a, b, _, _ in pairs}
+    columns = np.arange(n)
     for lo in range(0, n, block):
+        if len(pairs) >= limit:
+            break
         rows = slice(lo, min(n, lo + block))
         dist = hash_distances(hashes[:, 0], rows)
         match = ((dist <= rule.hash_distance) & (hash_distances(hashes[:, 1], rows) <= rule.dhash_distance)
@@ -172,11 +182,13 @@ def near_pairs(hashes: np.ndarray, features: np.ndarray | None = None, rule: Rul
         if unit is not None:
             sim = unit[rows] @ unit.T
             match |= (sim >= rule.cosine) | ((sim >= rule.cosine_with_hash) & (dist <= rule.hash_with_cosine))
+        match &= columns[None, :] > columns[rows, None]  # each pair once, i < j
         for r, j in zip(*np.nonzero(match)):
-            i = lo + int(r)
-            if i < j and (i, int(j)) not in exact:
-                pairs.append((i, int(j), int(dist[r, j]), None if sim is None else round(float(sim[r, j]), 4)))
-    pairs += [(a, b, 0, None if unit is None else round(float(unit[a] @ unit[b]), 4)) for a, b in sorted(exact)]
+            i, j = lo + int(r), int(j)
+            if (i, j) not in exact:
+                pairs.append((i, j, int(dist[r, j]), None if sim is None else round(float(sim[r, j]), 4)))
+                if len(pairs) >= limit:
+                    break
     return pairs
 
 
@@ -196,7 +208,8 @@ def find_duplicates(items: Sequence, hashes: np.ndarray, features: np.ndarray | 
     every repeat in training: what "drop the copies from training" removes."""
     found = {kind: [] for kind in KINDS}
     drop: set[int] = set()
-    for i, j, distance, cosine in near_pairs(hashes, features, rule, keys=[item.sha256 for item in items]):
+    for i, j, distance, cosine in near_pairs(hashes, features, rule, keys=[item.sha256 for item in items],
+                                             limit=MAX_PAIRS):
         a, b = items[i], items[j]
         kind = kind_of(a.split, b.split, a.label, b.label)
         if a.split != "train" and b.split == "train":  # the training image first
@@ -212,7 +225,7 @@ def find_duplicates(items: Sequence, hashes: np.ndarray, features: np.ndarray | 
     for pairs in found.values():
         pairs.sort(key=lambda p: (p["hash_distance"], -(p["cosine"] or 0.0)))
     counts = {kind: len(pairs) for kind, pairs in found.items()}
-    return {"counts": counts, "flagged": any(counts.values()),
+    return {"counts": counts, "flagged": any(counts.values()), "truncated": sum(counts.values()) >= MAX_PAIRS,
             "pairs": {kind: pairs[: rule.max_pairs] for kind, pairs in found.items()},
             "train_copies": sorted(drop),
             "rule": rule.__dict__ | {"hashes": "pHash and dHash, 64 bits (imagehash), with mirror and crops"},
@@ -256,5 +269,6 @@ def message(found: dict) -> str:
     advice = ("Drop the copies from training and train again." if copies else
               "None of them is a training image, so dropping cannot help: remove one image of each pair from the "
               "validation or test folder.")
-    return ("Near-duplicates (the same picture twice, perhaps resized, cropped, mirrored or recoloured): "
+    many = f" (at least: counting stopped at {MAX_PAIRS:,} pairs)" if found.get("truncated") else ""
+    return ("Near-duplicates (the same picture twice, perhaps resized, cropped, mirrored or recoloured)" + many + ": "
             + "; ".join(parts) + ". " + advice)

@@ -130,3 +130,14 @@ def test_hashes_are_remembered_by_content_key(planted):
     first = duplicates.perceptual_hashes(paths[:3], memo=memo, keys=["a", "b", "c"])
     again = duplicates.perceptual_hashes(["/nonexistent"] * 3, memo=memo, keys=["a", "b", "c"])  # never decoded
     assert np.array_equal(first, again)
+
+
+def test_one_picture_uploaded_thousands_of_times_is_counted_with_bounded_work(planted, monkeypatch):
+    paths, hashes = planted
+    n = 3000  # 4.5 million pairs of identical files
+    many = np.repeat(hashes[:1], n, axis=0)
+    items = [SimpleNamespace(path=paths[0], split="train", label=0, sha256="same") for _ in range(n)]
+    monkeypatch.setattr(duplicates, "MAX_PAIRS", 500)
+    found = duplicates.find_duplicates(items, many, name=lambda it: it.path.name)
+    assert found["truncated"] and found["counts"]["repeat"] == 500 and len(found["pairs"]["repeat"]) == 50
+    assert "at least: counting stopped at 500 pairs" in duplicates.message(found)
