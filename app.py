@@ -381,18 +381,6 @@ def more_time(state: dict | None, request: gr.Request = None) -> Iterator[tuple]
     yield from _stream(state, job, log_lines, first)
 
 
-def _why_not_continuable(result) -> str:
-    """Why a finished run's scratch arm cannot be given more time, in the words of the refusal."""
-    run = result.runs.get("scratch")
-    if run is None:
-        return "it trained no scratch arm"
-    if result.cfg is not None and result.cfg.repeats > 1:
-        return "it ran repeats"
-    if run.trainer is not None and not run.trainer.can_continue:
-        return f"its scratch arm finished all its {result.cfg.epochs} epochs (raise the epochs to train it longer)"
-    return "it is too large to keep in memory"
-
-
 def more_seconds(cfg: TrainConfig) -> float:
     """How much more time "give scratch more time" adds: the run's own budget (or the server's cap, or the form's
     default budget when neither is set)."""
@@ -431,7 +419,7 @@ def _stream(state: dict, job: TrainingJob, log_lines: list[str], first: dict) ->
     SESSIONS.prune_runs(finished.run_dir.parent)
     views = results_views(finished.result.report, finished.result, finished.run_dir, state)
     kept = KEPT.keep(state["sid"], finished.run_dir, finished.result)
-    state["continuable"] = None if kept else _why_not_continuable(finished.result)
+    state["continuable"] = None if kept else KEPT.why_not(finished.result) or "it is too large to keep in memory"
     log_lines.append(f"finished in {finished.elapsed:.1f} s; files in the Export tab")
     yield _out(TRAIN_OUTPUTS, state=state, log="\n".join(log_lines), **views, **_IDLE,
                results_box=gr.update(visible=True), more_box=gr.update(visible=kept),

@@ -143,9 +143,15 @@ def hash_distances(hashes: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
     return dist
 
 
-def cosines(features: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
-    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    return unit[rows] @ unit.T
+def _unit(features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float32)
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+
+def cosines(features: np.ndarray) -> np.ndarray:
+    """``[N, N]``: the cosine of every pair of feature rows."""
+    unit = _unit(features)
+    return unit @ unit.T
 
 
 def near_pairs(hashes: np.ndarray, features: np.ndarray | None = None, rule: Rule = DEFAULT,
@@ -156,10 +162,7 @@ def near_pairs(hashes: np.ndarray, features: np.ndarray | None = None, rule: Rul
     n = len(hashes)
     set_bits = np.bitwise_count(hashes[:, 0])
     usable = ((set_bits >= rule.min_set_bits) & (set_bits <= 64 - rule.min_set_bits)).all(axis=1)
-    unit = None
-    if features is not None:
-        unit = np.asarray(features, dtype=np.float32)
-        unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+    unit = _unit(features) if features is not None else None
 
     def cosine(a: int, b: int) -> float | None:
         return None if unit is None else round(float(unit[a] @ unit[b]), 4)

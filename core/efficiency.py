@@ -75,7 +75,8 @@ def efficiency_curve(dataset: Dataset, cfg: TrainConfig | None = None, *, sizes:
                 subset = subsample(dataset, n, seed)
                 start = time.perf_counter()
                 result = _compare_once(subset, dataclasses.replace(cfg, seed=seed, repeats=1), callbacks, (arm,),
-                                       memo, label=f"{arm}, {label}, draw {d + 1}/{repeats}: ", build_models=False)
+                                       memo, label=f"{arm}, {label}, draw {d + 1}/{repeats}: ", build_models=False,
+                                       dataset_checks=False)
                 if arm == "scratch":
                     scratch_spent += time.perf_counter() - start
                 probabilities = result.runs[arm].val_probabilities

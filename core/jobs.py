@@ -269,17 +269,23 @@ class KeptRuns:
         return int(images + weights + moments)
 
     @staticmethod
-    def can_continue(result: Any) -> bool:
+    def why_not(result: Any) -> str | None:
+        """Why ``result``'s scratch arm cannot be given more time, in plain words; None when it can."""
         run = result.runs.get("scratch")
-        return bool(run is not None and run.trainer is not None and run.trainer.can_continue
-                    and result.cfg is not None and result.cfg.repeats == 1)
+        if run is None or run.trainer is None:
+            return "it trained no scratch arm"
+        if result.cfg is None or result.cfg.repeats > 1:
+            return "it ran repeats"
+        if not run.trainer.can_continue:
+            return f"its scratch arm finished all its {result.cfg.epochs} epochs (raise the epochs to train it longer)"
+        return None
 
     def keep(self, key: str, run_dir: Path | str, result: Any) -> bool:
         """Keep ``result`` (written into ``run_dir``) for ``key`` when its scratch arm can go on; returns whether it
         was kept. An earlier run of the same key is dropped either way."""
         with self._lock:
             self._runs.pop(key, None)
-            if self.capacity < 1 or not self.can_continue(result):
+            if self.capacity < 1 or self.why_not(result) is not None:
                 return False
             size = self.footprint(result)
             if size > self.max_bytes:

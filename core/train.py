@@ -588,7 +588,7 @@ def run_compare(dataset: Dataset, cfg: TrainConfig | None = None, callbacks: Cal
     for r in range(1, cfg.repeats):
         seed = cfg.seed + r
         again = _compare_once(dataset.resplit(seed), dataclasses.replace(cfg, seed=seed), callbacks, arms, memo,
-                              label=f"repeat {r + 1}/{cfg.repeats}: ")
+                              label=f"repeat {r + 1}/{cfg.repeats}: ", dataset_checks=False)
         reports.append(again.report)
     result.report["repeats"] = summarize_repeats(reports, redrawn=bool(dataset.fractions)
                                                  and not dataset.predefined_split)
@@ -619,7 +619,10 @@ def summarize_repeats(reports: list[dict], *, redrawn: bool) -> dict:
 
 
 def _compare_once(dataset: Dataset, cfg: TrainConfig, callbacks: Callbacks, arms: tuple[str, ...],
-                  memo: dict | None, label: str, build_models: bool = True) -> CompareResult:
+                  memo: dict | None, label: str, build_models: bool = True,
+                  dataset_checks: bool = True) -> CompareResult:
+    """One comparison. ``dataset_checks=False`` leaves out the checks of the dataset itself (near-duplicates,
+    shortcuts): repeats and the efficiency curve's points train on the same images again, and use only the scores."""
     device = resolve_device(cfg.device)
     spec = models.get_backbone_spec(cfg.backbone)
     image_size = cfg.resolved_image_size(device)
@@ -645,7 +648,7 @@ def _compare_once(dataset: Dataset, cfg: TrainConfig, callbacks: Callbacks, arms
     for arm in arms:
         results[arm] = trainers[arm](cfg, classes, train, val, test, device, callbacks, selection)
 
-    report = _report(dataset, cfg, device, image_size, results, train, val, test, selection)
+    report = _report(dataset, cfg, device, image_size, results, train, val, test, selection, dataset_checks)
     callbacks.report("done", 1.0, "training finished")
     held_out = [train.files[i] for i in selection] if selection is not None else []
     return CompareResult(report, results, train, val, test, dataset, held_out, cfg=cfg, selection=selection)
@@ -653,7 +656,7 @@ def _compare_once(dataset: Dataset, cfg: TrainConfig, callbacks: Callbacks, arms
 
 def _report(dataset: Dataset, cfg: TrainConfig, device: torch.device, image_size: int, results: dict[str, RunResult],
             train: PreparedImages, val: PreparedImages, test: PreparedImages | None,
-            selection: np.ndarray | None) -> dict:
+            selection: np.ndarray | None, dataset_checks: bool = True) -> dict:
     """The comparison's report from its arms' results: each arm summarised, the paired test, the diagnostics."""
     classes = dataset.classes
     spec = models.get_backbone_spec(cfg.backbone)
@@ -678,7 +681,7 @@ def _report(dataset: Dataset, cfg: TrainConfig, device: torch.device, image_size
         "intervals": stats.interval_method(cfg.seed),
         "selection": _selection_summary(selection, cfg, train, val, test),
         "comparison": compare_arms(results, val) if len(results) == 2 else None,
-        "diagnostics": _diagnostics(dataset, classes, train, val, test, results, runs),
+        "diagnostics": _diagnostics(dataset, classes, train, val, test, results, runs, dataset_checks),
     }
 
 
@@ -740,7 +743,8 @@ def _subset(p: PreparedImages, lo: int, hi: int) -> PreparedImages:
     return PreparedImages(p.resized[lo:hi], p.crops[lo:hi], p.labels[lo:hi], p.files[lo:hi], p.hashes[lo:hi])
 
 
-def _diagnostics(dataset: Dataset, classes, train, val, test, results: dict[str, RunResult], runs: dict) -> dict:
+def _diagnostics(dataset: Dataset, classes, train, val, test, results: dict[str, RunResult], runs: dict,
+                 dataset_checks: bool = True) -> dict:
     train_counts = dataset.counts()["train"]
     chance = float(np.bincount(val.labels).max() / len(val.labels))  # always answering the most common class
     main_arm = "pretrained" if "pretrained" in runs else next(iter(runs))
@@ -752,12 +756,15 @@ def _diagnostics(dataset: Dataset, classes, train, val, test, results: dict[str,
     def rel(files: list[str]) -> list[str]:
         return [dataset.relpath(f) for f in files]
 
-    items = dataset.split("train") + dataset.split("val") + dataset.split("test")  # the order of the features
-    both = np.concatenate([train_features, other_features]) if features else None
+    checks = {}
+    if dataset_checks:
+        items = dataset.split("train") + dataset.split("val") + dataset.split("test")  # the order of the features
+        both = np.concatenate([train_features, other_features]) if features else None
+        checks = {"duplicates": duplicates.public(duplicates.check_dataset(dataset, both, items=items)),
+                  "shortcuts": shortcuts.check_dataset(dataset)}
     return {
         "imbalance": diagnostics.imbalance(train_counts, val.labels, runs[main_arm], classes),
-        "duplicates": duplicates.public(duplicates.check_dataset(dataset, both, items=items)),
-        "shortcuts": shortcuts.check_dataset(dataset),
+        **checks,
         "leakage": diagnostics.leakage(rel(train.files), train.hashes, rel(other_files), other_hashes,
                                        train_features, other_features),
         "overfitting": {arm: diagnostics.overfitting(run["history"], chance=chance, reported=run["val_accuracy"])

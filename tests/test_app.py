@@ -389,7 +389,7 @@ def test_kept_runs_are_bounded_and_only_runs_that_can_go_on_are_kept():
         trainer = SimpleNamespace(can_continue=can_go_on, model=weights)
         part = SimpleNamespace(resized=[np.zeros(images, np.uint8)], crops=np.zeros(0, np.uint8))
         return SimpleNamespace(runs={"scratch": SimpleNamespace(trainer=trainer, model=weights)},
-                               cfg=SimpleNamespace(repeats=repeats), train=part, val=part, test=None)
+                               cfg=SimpleNamespace(repeats=repeats, epochs=3), train=part, val=part, test=None)
 
     assert KeptRuns.footprint(result()) == 2 * 1000 + 44 + 3 * 44
     kept = KeptRuns(capacity=2, max_bytes=5000)
