@@ -487,7 +487,8 @@ def upload_model(file: Any, state: dict | None) -> tuple:
 
 
 def predict(state: dict | None, model_choice: str | None, image: Any, files: Any = None) -> tuple:
-    """Classify one image (and/or several files). Outputs: label (top-k dict), info markdown, batch table."""
+    """Classify one image (and/or several files). Outputs: label (top-k dict), info markdown, batch table, and where
+    the model looked in the first image (a heat map over it; None for a model exported without the explain outputs)."""
     state = _state(state)
     path = _model_for(state, model_choice)
     file_list = files if isinstance(files, list | tuple) else ([files] if files else [])
@@ -522,10 +523,10 @@ def predict_example(state: dict | None, model_choice: str | None, event: gr.Sele
         raise _fail("That example is gone: the dataset changed. Pick another one.", title="No image")
     path = _model_for(state, model_choice)
     item = examples[event.index]
-    label, info, table = _classify(state, model_choice, path, [(item.name, item)])
+    label, info, table, looked = _classify(state, model_choice, path, [(item.name, item)])
     truth = state["dataset"].classes[next(i.label for i in state["dataset"].items if i.path == item)]
     shown = thumbnail(item, 448)  # re-encoded, never the uploaded file itself
-    return label, f"True class: **{text.md(truth)}**\n\n{info}", table, shown
+    return label, f"True class: **{text.md(truth)}**\n\n{info}", table, looked, shown
 
 
 def example_snippet() -> str:
@@ -694,8 +695,9 @@ def _results() -> dict[str, Any]:
                                          interactive=False)
     c["per_class"] = gr.Dataframe(headers=["class", "support"], label="Per-class report (validation set)",
                                   interactive=False, elem_id="per-class")
-    c["mistakes"] = gr.Gallery(label="Misclassified validation images (true → predicted, confidence)", columns=6,
-                               height=300, format="png", object_fit="contain", elem_id="mistakes", fit_columns=False)
+    c["mistakes"] = gr.Gallery(label="Misclassified validation images (true → predicted, confidence); bright: where "
+                                     "the model looked for the class it chose", columns=6, height=300, format="png",
+                               object_fit="contain", elem_id="mistakes", fit_columns=False)
     return c
 
 
@@ -721,6 +723,10 @@ def _predict_tab() -> dict[str, Any]:
         with gr.Column(scale=1, min_width=320):
             c["label_out"] = gr.Label(num_top_classes=5, label="Prediction (top-k)", elem_id="predict-label")
             c["predict_info"] = gr.Markdown(elem_id="predict-info")
+            c["looked"] = gr.Image(label="Where it looked", type="numpy", format="png", interactive=False,
+                                   height=240, elem_id="predict-looked",
+                                   placeholder="After a prediction: which parts of the picture the answer rests on "
+                                               "(models trained here; bright = counted most)")
             c["batch_df"] = gr.Dataframe(headers=["image", "prediction", "probability", "top-k"], label="All images",
                                          interactive=False, elem_id="predict-table")
     return c
@@ -819,7 +825,7 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurre
     c["positive"].input(update_threshold, *threshold_io, api_visibility="private", concurrency_limit=None,
                         show_progress="hidden")
     predict_io = ([state, c["model_choice"], c["image_in"], c["files_in"]],
-                  [c["label_out"], c["predict_info"], c["batch_df"]])
+                  [c["label_out"], c["predict_info"], c["batch_df"], c["looked"]])
     wide = dict(concurrency_limit=predict_concurrency, concurrency_id="predict",
                 validator=_session_limit("predict", len(predict_io[0]), "prediction"))
     c["predict_btn"].click(predict, *predict_io, api_name="predict", **wide)

@@ -199,6 +199,10 @@ def output_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, metavar="DIR", help="run folder for report.json, config.json, manifest.csv, "
                    "plots and models (files of an earlier run there are replaced; other files are left alone)")
     g.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+    g.add_argument("--explain", action="store_true",
+                   help="the exported model also outputs class activation maps ('cam': where it looked) and an "
+                        "'ood_score' with its threshold in the metadata (the image fits no class); off by default, "
+                        "so model.onnx keeps its two outputs")
     return p
 
 
@@ -375,7 +379,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     # A local run keeps the data folder's absolute path, for `python -m export RUN` to find the images; the app's
     # report.json (visitors download it) carries the folder's name only (Dataset.to_dict).
     result.report["dataset"]["root"] = str(ds.root)
-    paths = write_run(result, args.out, export=not args.no_export)
+    paths = write_run(result, args.out, export=not args.no_export, explain=args.explain)
     print(summary_text(result.report))
     print(f"\nwrote {len(paths)} files to {args.out}: {', '.join(sorted(p.name for p in paths.values()))}")
     return 0

@@ -161,10 +161,11 @@ class TrainingJob:
         try:
             if self.resume is None:
                 result = run_compare(self.dataset, self.cfg, callbacks)
-                write_run(result, self.run_dir, export=True, on_step=on_step)
+                write_run(result, self.run_dir, export=True, on_step=on_step, explain=True)
             else:
                 result = continue_arm(self.resume, self.more_seconds, callbacks)
-                write_run(result, self.run_dir, export=True, on_step=on_step, keep_export_of=self.resume.report)
+                write_run(result, self.run_dir, export=True, on_step=on_step, keep_export_of=self.resume.report,
+                          explain=True)
             put(("finished", result))
         except TrainingCancelled:
             if self.resume is None:

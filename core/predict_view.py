@@ -8,11 +8,19 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
 from core.runtime.errors import UserError
-from core.runtime.images import ImageDecodeError, as_rgb, check_pixels, open_rgb, resize_shorter
+from core.runtime.images import (
+    ImageDecodeError,
+    as_rgb,
+    check_pixels,
+    heatmap_overlay,
+    open_rgb,
+    resize_shorter,
+)
 from core.runtime.predictor import Predictor
 from core.text import md
 
@@ -59,25 +67,51 @@ def load_images(files: list[tuple[str, Any]], predictor: Predictor) -> list[tupl
     return images
 
 
+UNFAMILIAR = ("⚠️ **This image looks unlike anything the model was trained on**, so its answer is a guess: the "
+              "model always picks one of its classes, even for a picture of something else.")
+
+
+def _ranked(row: np.ndarray, classes: tuple[str, ...], k: int) -> list[dict[str, Any]]:
+    order = np.argsort(-row, kind="stable")[:k]
+    return [{"label": classes[i], "probability": float(row[i])} for i in order]
+
+
 def classify(predictor: Predictor, inputs: list[tuple[str, Image.Image]], model_name: str,
-             top_k: int = 5) -> tuple[dict[str, float], str, pd.DataFrame]:
-    """``({label: probability} of the first image, info Markdown, one row per image)`` for ``(name, image)`` pairs."""
+             top_k: int = 5) -> tuple[dict[str, float], str, pd.DataFrame, np.ndarray | None]:
+    """``({label: probability} of the first image, info Markdown, one row per image, where the model looked in the
+    first image)`` for ``(name, image)`` pairs. The last is None unless the model has the explain outputs
+    (``Predictor.explains``); with them the info and the table also say which images fit no class."""
     t0 = time.perf_counter()
-    results = predictor.predict([image for _, image in inputs], top_k=min(top_k, len(predictor.classes)))
+    k = min(top_k, len(predictor.classes))
+    prepared = np.stack([predictor.prepare(image) for _, image in inputs])
+    explained = predictor.explain_arrays(prepared) if predictor.explains else None
+    probs = explained["probabilities"] if explained else predictor.predict_arrays(prepared)
     ms = (time.perf_counter() - t0) * 1000
-    first = results[0]
-    label = {r["label"]: float(r["probability"]) for r in first["top_k"]}
-    info = (f"Model **{md(model_name)}** · provider **{first.get('provider', predictor.provider)}** · "
+    ranked = [_ranked(row, predictor.classes, k) for row in probs]
+    label = {r["label"]: r["probability"] for r in ranked[0]}
+    info = (f"Model **{md(model_name)}** · provider **{predictor.provider}** · "
             f"{len(inputs)} image(s) in **{ms:.1f} ms** ({ms / len(inputs):.1f} ms per image, "
             f"preprocessing included)")
+    looked = None
+    if explained:
+        top = int(probs[0].argmax())
+        looked = heatmap_overlay(prepared[0], explained["cam"][0, top])
+        info = (f"Bright areas of the picture below pushed the model most towards **{md(predictor.classes[top])}**."
+                f"\n\n{info}")
+        if explained["fits_no_class"][0]:
+            info = f"{UNFAMILIAR}\n\n{info}"
     warning = getattr(predictor, "fallback_warning", None)
     if warning:
         info += f"\n\n⚠️ {md(warning)}"
-    table = pd.DataFrame([{"image": name, "prediction": r["label"], "probability": round(r["probability"], 4),
-                           "top-k": ", ".join(f"{t['label']} {t['probability']:.0%}" for t in r["top_k"])}
-                          for (name, _), r in zip(inputs, results)],
-                         columns=["image", "prediction", "probability", "top-k"])
-    return label, info, table
+    columns = ["image", "prediction", "probability", "top-k", *(["fits a class?"] if explained else [])]
+    rows = []
+    for i, ((name, _), top_list) in enumerate(zip(inputs, ranked)):
+        row = {"image": name, "prediction": top_list[0]["label"], "probability": round(top_list[0]["probability"], 4),
+               "top-k": ", ".join(f"{t['label']} {t['probability']:.0%}" for t in top_list)}
+        if explained:
+            row["fits a class?"] = "⚠️ no: unlike the training images" if explained["fits_no_class"][i] else "yes"
+        rows.append(row)
+    return label, info, pd.DataFrame(rows, columns=columns), looked
 
 
 def model_description(name: str, info: dict[str, Any]) -> str:

@@ -43,11 +43,13 @@ def run_file_names() -> frozenset[str]:
 
 
 def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool = True,
-              on_step: Callable[[float, str], None] | None = None, keep_export_of: dict | None = None) -> dict:
+              on_step: Callable[[float, str], None] | None = None, keep_export_of: dict | None = None,
+              explain: bool = False) -> dict:
     """Write every artifact of a compare run into ``out_dir``; returns ``{name: path}``. ``on_step(fraction,
     words)``: told as each export step starts. ``keep_export_of``: the report already in ``out_dir`` of a run whose
     pretrained arm this result shares (``core.train.continue_arm``): its exported files and report section are kept
-    instead of exporting the same model again."""
+    instead of exporting the same model again. ``explain``: the exported model also outputs class activation maps
+    and the "fits no class" score (``models.explain``); the app shows both, so it exports with them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
@@ -69,7 +71,7 @@ def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool
         if export and keep_export_of and keep_export_of.get("export"):
             report["export"] = _keep_export(keep_export_of, out, staging)
         elif export and "pretrained" in result.runs:
-            report["export"] = _export(result, staging, on_step)
+            report["export"] = _export(result, staging, on_step, explain)
         names = sorted({p.name for p in staging.iterdir()} | {REPORT})
         report["artifacts"]["files"] = names
         write_json_atomic(staging / REPORT, report)
@@ -101,7 +103,8 @@ def _keep_export(earlier: dict, out: Path, staging: Path) -> dict:
     return earlier["export"]
 
 
-def _export(result: CompareResult, staging: Path, on_step: Callable[[float, str], None] | None = None) -> dict:
+def _export(result: CompareResult, staging: Path, on_step: Callable[[float, str], None] | None = None,
+            explain: bool = False) -> dict:
     """ONNX export of the pretrained arm, verified against PyTorch: a failed parity check raises, so the run's
     files are not moved into place (the folder keeps its earlier artifacts)."""
     from export.runs import export_run
@@ -120,4 +123,5 @@ def _export(result: CompareResult, staging: Path, on_step: Callable[[float, str]
         val_labels=result.val.labels,
         calib_images_uint8=result.train.crops,  # the calibrator picks its subset (export.quantize)
         on_step=on_step,
+        explain=result.runs["pretrained"].ood if explain else None,
     )

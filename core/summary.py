@@ -290,7 +290,28 @@ def diagnostic_items(report: dict) -> list[tuple[str, bool, str]]:
         items.append(("Shortcuts in the files", shortcut["flagged"], shortcut["message"]))
     items += [(f"{'Not learned yet' if d.get('at_chance') else 'Overfitting'} ({arm})", d["flagged"], d["message"])
               for arm, d in diag.get("overfitting", {}).items()]
+    if unfamiliar := diag.get("unfamiliar"):
+        items.append(("Where the model looked", False, LOOKED_TEXT))
+        items.append(("Images that fit no class", False, unfamiliar_text(unfamiliar)))
     return items
+
+
+LOOKED_TEXT = ("the misclassified images below carry a heat map of where each model looked for the class it chose "
+               "(bright = counted most), and so does every picture in the Predict tab. If the bright areas sit on "
+               "the background, a border, text or a watermark instead of the object, the model learned a shortcut: "
+               "crop those out, or add pictures where they vary, and train again. The exported model gives the maps "
+               "too (output 'cam').")
+
+
+def unfamiliar_text(unfamiliar: dict) -> str:
+    """The "fits no class" calibration of each arm (``diagnostics.unfamiliar``) in words."""
+    arms = "; ".join(f"{arm}: {d['val_above']} of {d['n_val']} validation images score above its threshold "
+                     f"{d['threshold']:.3f}" for arm, d in unfamiliar.items())
+    quantile = next(iter(unfamiliar.values()))["quantile"]
+    return (f"a model always answers with one of its classes, even for a picture of something else. The Predict tab "
+            f"and the exported model (output 'ood_score', threshold in its metadata) flag a picture whose features "
+            f"are further from every class than {quantile:.0%} of the validation images' are ({arms}). Do not trust "
+            "the answer for a flagged picture; if ordinary pictures get flagged, train on more varied ones.")
 
 
 def diagnostics_md(report: dict) -> str:
@@ -320,17 +341,27 @@ def summary_text(report: dict) -> str:
 
 
 def misclassified_gallery(result: Any, classes: list[str], limit: int = 24) -> list[tuple[np.ndarray, str]]:
-    """``(validation crop, "arm: true → predicted confidence")`` for each arm's most confident mistakes."""
+    """``(validation crop, "arm: true → predicted confidence")`` for each arm's most confident mistakes. Where the
+    arm's network is at hand, the crop carries its class activation map for the class it chose (``models.explain``):
+    where it looked to get the answer wrong."""
     from core.metrics import misclassified
+    from core.runtime.images import heatmap_overlay
+    from models import Classifier
+    from models.explain import explain
 
     items = []
     labels = np.asarray(result.val.labels)
     for arm, run in result.runs.items():
         probs = np.asarray(run.val_probabilities)
         pred = probs.argmax(1)
-        for i in misclassified(labels, probs, limit):
+        wrong = misclassified(labels, probs, limit)
+        crops = [np.ascontiguousarray(result.val.crops[i]) for i in wrong]
+        if wrong and isinstance(run.model, Classifier):
+            maps = explain(run.model, np.stack(crops))["cam"]
+            crops = [heatmap_overlay(crop, maps[j, pred[i]]) for j, (i, crop) in enumerate(zip(wrong, crops))]
+        for i, crop in zip(wrong, crops):
             caption = plain(f"{arm}: {classes[labels[i]]} → {classes[pred[i]]} {probs[i, pred[i]]:.0%}", 120)
-            items.append((np.ascontiguousarray(result.val.crops[i]), caption))
+            items.append((crop, caption))
     return items
 
 
@@ -415,6 +446,11 @@ def export_summary(report: dict, run_dir: Path, *, clean: Callable[[str], str] =
         lines.append(f"✅ `model.onnx` ({model.stat().st_size / 1e6:.1f} MB): the pretrained arm, input uint8 RGB "
                      f"`[N, {size}, {size}, 3]`, outputs `logits` and `probabilities`; class names and the resize "
                      "rule are in its metadata.")
+        if "ood_score" in (exp.get("outputs") or []):
+            lines.append("Two more outputs say what the Predict tab shows: `cam`, where the model looked (one map per "
+                         "class; bright = counted most), and `ood_score`, how unlike the training images a picture "
+                         f"is (above `ood_threshold` in the metadata, {exp['ood']['threshold']:.3f}, it fits no "
+                         "class). The example below uses them when present.")
     else:
         lines.append("ℹ️ No ONNX model was exported for this run.")
     tried = {v.get("variant") for v in exp.get("variants") or [] if isinstance(v, dict)}

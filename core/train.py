@@ -28,6 +28,7 @@ from torchvision.transforms import v2
 
 import models
 from models.classifier import make_head
+from models.explain import OodCalibration, calibrate_ood, pooled_features
 from models.preprocess import ImagePreprocess
 
 from . import diagnostics, duplicates, shortcuts, stats
@@ -109,6 +110,7 @@ class RunResult:
     test_probabilities: np.ndarray | None = None
     extra: dict = field(default_factory=dict)  # engine names, feature timings ...
     trainer: NetworkTrainer | None = None  # the arms trained end to end: to go on training (``continue_arm``)
+    ood: OodCalibration | None = None  # "fits no class" (``calibrate_unfamiliar``), for the export
 
 
 def _seed_everything(seed: int) -> torch.Generator:
@@ -732,6 +734,34 @@ def _selection_summary(selection: np.ndarray | None, cfg: TrainConfig, train: Pr
             "scored_on": scored}
 
 
+# A class centroid from 100 images is as good as from all of them (its direction moves by a few degrees at most), and
+# the pass over them costs the scratch arm seconds on a CPU.
+CENTROID_IMAGES = 100
+
+
+def calibrate_unfamiliar(results: dict[str, RunResult], train: PreparedImages, val: PreparedImages,
+                         num_classes: int) -> dict:
+    """Each arm's "fits no class" calibration (``models.explain.calibrate_ood``: class centroids of its training
+    features, threshold on its validation scores), kept as each result's ``ood`` for the export; returns the summaries.
+    The frozen backbone's features were computed for training already; other arms run their backbone once more, on
+    the validation images and at most ``CENTROID_IMAGES`` training images of each class."""
+    summaries = {}
+    for arm, run in results.items():
+        if run.ood is None:
+            features = run.extra.get("features")
+            if features is not None:
+                fit, labels, scored = features["train"], train.labels, features["other"][: len(val.labels)]
+            elif isinstance(run.model, models.Classifier):
+                some = np.concatenate([np.flatnonzero(train.labels == c)[:CENTROID_IMAGES] for c in range(num_classes)])
+                fit, labels = pooled_features(run.model, train.crops[some]), train.labels[some]
+                scored = pooled_features(run.model, val.crops)
+            else:  # only a head was kept (build_models=False): nothing to explain
+                continue
+            run.ood = calibrate_ood(fit, labels, scored, num_classes)
+        summaries[arm] = run.ood.summary()
+    return summaries
+
+
 def compare_arms(results: dict[str, RunResult], val: PreparedImages) -> dict:
     """McNemar's test of the two arms on the same validation images (their best-epoch predictions)."""
     correct = {arm: r.val_probabilities.argmax(1) == val.labels for arm, r in results.items()}
@@ -761,7 +791,8 @@ def _diagnostics(dataset: Dataset, classes, train, val, test, results: dict[str,
         items = dataset.split("train") + dataset.split("val") + dataset.split("test")  # the order of the features
         both = np.concatenate([train_features, other_features]) if features else None
         checks = {"duplicates": duplicates.public(duplicates.check_dataset(dataset, both, items=items)),
-                  "shortcuts": shortcuts.check_dataset(dataset)}
+                  "shortcuts": shortcuts.check_dataset(dataset),
+                  "unfamiliar": calibrate_unfamiliar(results, train, val, len(classes))}
     return {
         "imbalance": diagnostics.imbalance(train_counts, val.labels, runs[main_arm], classes),
         **checks,

@@ -25,11 +25,18 @@ def cmd_onnx(args: argparse.Namespace) -> int:
     val_images, val_labels = load_run_images(run_dir, report, ("val", "test"), data_root=data)
     calib, _ = load_run_images(run_dir, report, ("train", "val"), data_root=data, limit=MAX_CALIBRATION_IMAGES)
     variants = () if args.no_variants else None
+    explain = None
+    if args.explain:
+        from models.explain import calibrate_ood, pooled_features
+
+        train_images, train_labels = load_run_images(run_dir, report, ("train",), data_root=data)
+        explain = calibrate_ood(pooled_features(classifier, train_images), train_labels,
+                                pooled_features(classifier, val_images), len(report["dataset"]["classes"]))
     section = export_run(
         run_dir, classifier, classes=report["dataset"]["classes"], backbone=report["backbone"],
         image_size=int(report["image_size"]), training_mode=args.arm,
         metrics=report.get("runs", {}).get(args.arm), val_images_uint8=val_images, val_labels=val_labels,
-        calib_images_uint8=calib, tolerance=args.tolerance, variants=variants,
+        calib_images_uint8=calib, tolerance=args.tolerance, variants=variants, explain=explain,
     )
     report[report_key(args.arm)] = section
     # report.json lists exactly the run's files in the folder: the new model files in, rejected variants out.
@@ -81,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="largest accuracy drop (fraction) for an INT8/FP16 variant to be kept (default 0.01)")
     p.add_argument("--no-variants", action="store_true", help="export FP32 only")
+    p.add_argument("--explain", action="store_true",
+                   help="also output class activation maps ('cam') and the 'fits no class' score ('ood_score', its "
+                        "threshold calibrated on the validation images and kept in the metadata)")
     p.set_defaults(func=cmd_onnx)
 
     p = sub.add_parser("triton", help="write a Triton model repository for an exported model")

@@ -32,3 +32,12 @@ pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.u
 probabilities = session.run(["probabilities"], {"image": pixels})[0][0]
 for i in np.argsort(-probabilities)[:3]:
     print(f"{classes[i]}\t{probabilities[i]:.4f}")
+
+# Models exported with the explain outputs also say whether the image fits any class, and where the model looked.
+if "ood_threshold" in meta:
+    cam, score = session.run(["cam", "ood_score"], {"image": pixels})
+    if score[0] > float(meta["ood_threshold"]):
+        print("warning: this image looks unlike anything the model was trained on; the answer is a guess")
+    where = cam[0, probabilities.argmax()]  # [h, w]: how much each region adds to the predicted class
+    row, col = np.unravel_index(where.argmax(), where.shape)
+    print(f"looked most at the region {row + 1},{col + 1} of a {where.shape[0]}x{where.shape[1]} grid (row, column)")

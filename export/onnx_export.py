@@ -18,6 +18,7 @@ from torch import nn
 
 import models
 from core.runtime.contract import (
+    EXPLAIN_OUTPUTS,
     FEATURES_OUTPUT,
     INPUT_NAME,
     OUTPUT_NAMES,
@@ -30,7 +31,8 @@ from core.runtime.files import atomic_write, cache_dir
 from core.runtime.images import check_batch
 from core.runtime.predictor import read_model_info
 from export.errors import ExportError, ParityError
-from export.verify import check_parity, compare_outputs, cpu_session, run_onnx, torch_outputs
+from export.verify import check_explain_parity, check_parity, compare_outputs, cpu_session, run_onnx, torch_outputs
+from models.explain import ExplainedClassifier, OodCalibration
 from models.preprocess import ImageClassifier, ImagePreprocess
 
 TRAINING_MODES = ("pretrained", "scratch")
@@ -77,12 +79,14 @@ def _cpu_copy(module: nn.Module) -> nn.Module:
 def export_classifier(classifier: models.Classifier, path: str | os.PathLike[str], *, image_size: int,
                       classes: list[str], training_mode: str, metrics: dict | None = None,
                       opset: int = DEFAULT_OPSET, parity_images: np.ndarray | None = None,
-                      atol: float = 1e-4) -> dict[str, Any]:
-    """Export ``classifier`` as uint8 ``image`` [N, S, S, 3] -> ``logits``, ``probabilities``.
+                      atol: float = 1e-4, explain: OodCalibration | None = None) -> dict[str, Any]:
+    """Export ``classifier`` as uint8 ``image`` [N, S, S, 3] -> ``logits``, ``probabilities``; with ``explain``
+    (the centroids and threshold of ``models.explain.calibrate_ood``) also ``cam`` and ``ood_score``
+    (``core.runtime.contract``). Without it the graph is the plain classifier's.
 
     The file is written atomically after ``onnx.checker`` (full check) and a parity check against PyTorch on
-    ``parity_images`` (and a few random images); on any failure (``ExportError``, ``ParityError``, checker errors)
-    an existing file at ``path`` is untouched. Returns ``{"path", "parity", "metadata"}``.
+    ``parity_images`` (and a few random images), of every output; on any failure (``ExportError``, ``ParityError``,
+    checker errors) an existing file at ``path`` is untouched. Returns ``{"path", "parity", "metadata"}``.
     """
     if training_mode not in TRAINING_MODES:
         raise ValueError(f"training_mode must be one of {TRAINING_MODES}, got {training_mode!r}.")
@@ -94,14 +98,27 @@ def export_classifier(classifier: models.Classifier, path: str | os.PathLike[str
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16, got {image_size}.")
     reference = _cpu_copy(classifier)
-    module = ImageClassifier(reference).eval()
+    module = (ImageClassifier(reference) if explain is None else ExplainedClassifier(reference, explain)).eval()
+    outputs = [*OUTPUT_NAMES, *(EXPLAIN_OUTPUTS if explain is not None else ())]
     meta = model_metadata(classifier.spec, image_size=image_size, kind="classifier", classes=classes,
-                          training_mode=training_mode, metrics=metrics)
+                          training_mode=training_mode, metrics=metrics,
+                          ood_threshold=explain.threshold if explain is not None else None,
+                          ood_quantile=explain.quantile if explain is not None else None)
     images = _parity_images(image_size, parity_images)
 
     def produce(tmp: Path) -> dict[str, Any]:
-        _save_and_check(_export_proto(module, image_size, list(OUTPUT_NAMES), opset), meta, tmp)
+        _save_and_check(_export_proto(module, image_size, outputs, opset), meta, tmp)
         parity = check_parity(tmp, module, images, atol=atol)
+        if explain is not None and parity["passed"]:
+            parity["explain"] = check_explain_parity(tmp, module, images)
+            parity["passed"] = parity["explain"]["passed"]
+        if not parity["passed"] and "explain" in parity:
+            e = parity["explain"]
+            raise ParityError(
+                f"the exported class activation maps or out-of-distribution scores disagree with PyTorch: max "
+                f"|map difference| {e['max_abs_diff_cam']:.3g} (maps up to {e['max_abs_cam']:.3g}), max |score "
+                f"difference| {e['max_abs_diff_ood_score']:.3g} on {e['n_images']} images. The file was not written; "
+                "report this with the backbone name and torch/onnxruntime versions.", parity)
         if not parity["passed"]:
             raise ParityError(
                 f"the exported graph disagrees with PyTorch: max |probability difference| "

@@ -16,13 +16,14 @@ import numpy as np
 import torch
 
 import models
-from core.runtime.contract import FORMAT
+from core.runtime.contract import EXPLAIN_OUTPUTS, FORMAT, OUTPUT_NAMES
 from core.runtime.errors import UserError
 from core.runtime.images import ImageDecodeError, open_rgb, to_array
 from export import triton
 from export.onnx_export import DEFAULT_OPSET, TRAINING_MODES, export_classifier
 from export.quantize import calibration_indices
 from export.variants import build_variants
+from models.explain import OodCalibration
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,14 @@ def export_run(run_dir: str | os.PathLike[str], classifier: models.Classifier, *
                image_size: int, training_mode: str, metrics: dict | None, val_images_uint8: np.ndarray | None,
                val_labels: np.ndarray | list[int] | None, calib_images_uint8: np.ndarray | None,
                tolerance: float = 0.01, variants: tuple[str, ...] | None = None,
-               on_step: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+               on_step: Callable[[float, str], None] | None = None,
+               explain: OodCalibration | None = None) -> dict[str, Any]:
     """Export one arm of a run to ``run_dir`` (FP32 + accepted variants, and for the pretrained arm, the one to
     deploy, its Triton repository as a zip); return its ``report.json`` section. ``on_step(fraction, words)`` is
     told as each step starts.
 
     Store the result under ``report[report_key(training_mode)]``. Paths in it are relative to ``run_dir``.
+    ``explain``: the arm's ``models.explain.calibrate_ood``; the model then also outputs ``cam`` and ``ood_score``.
     """
     if classifier.spec.name != backbone:
         raise ValueError(f"backbone {backbone!r} does not match the classifier's backbone {classifier.spec.name!r}.")
@@ -64,7 +67,8 @@ def export_run(run_dir: str | os.PathLike[str], classifier: models.Classifier, *
     step = on_step or (lambda fraction, words: None)
     step(0.0, "export: tracing the network to ONNX and checking it against PyTorch")
     result = export_classifier(classifier, path, image_size=image_size, classes=classes,
-                               training_mode=training_mode, metrics=metrics, parity_images=val_images_uint8)
+                               training_mode=training_mode, metrics=metrics, parity_images=val_images_uint8,
+                               explain=explain)
     if val_images_uint8 is None:
         val_images_uint8, val_labels = np.zeros((0, image_size, image_size, 3), np.uint8), []
     step(0.6, "export: building the smaller/faster variants and checking their accuracy")
@@ -84,6 +88,8 @@ def export_run(run_dir: str | os.PathLike[str], classifier: models.Classifier, *
         "image_size": image_size,
         "size_bytes": path.stat().st_size,
         "parity": result["parity"],
+        "outputs": [*OUTPUT_NAMES, *(EXPLAIN_OUTPUTS if explain is not None else ())],
+        **({"ood": explain.summary()} if explain is not None else {}),
         "tolerance": tolerance,
         "variants": built,
         **({"triton": write_triton(path, run_dir)} if training_mode == "pretrained" else {}),

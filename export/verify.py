@@ -14,6 +14,7 @@ from torch import nn
 from core.runtime.contract import INPUT_NAME
 from core.runtime.devices import CPU
 from core.runtime.images import check_batch
+from models.explain import ExplainedClassifier
 from models.preprocess import ImageClassifier
 
 
@@ -32,7 +33,7 @@ def run_onnx(session: ort.InferenceSession, images: np.ndarray, *, output: str =
 
 def torch_reference(module: nn.Module) -> nn.Module:
     """The uint8-NHWC module to compare against: ``module`` itself or ``ImageClassifier(module)``."""
-    return module if isinstance(module, ImageClassifier) else ImageClassifier(module)
+    return module if isinstance(module, ImageClassifier | ExplainedClassifier) else ImageClassifier(module)
 
 
 @torch.inference_mode()
@@ -81,3 +82,28 @@ def check_parity(onnx_path: str | os.PathLike[str], classifier: nn.Module, image
     actual = run_onnx(session, images)
     expected = torch_outputs(torch_reference(classifier), images)
     return compare_outputs(expected, actual, atol=atol, provider=session.get_providers()[0])
+
+
+@torch.inference_mode()
+def check_explain_parity(onnx_path: str | os.PathLike[str], module: ExplainedClassifier, images: np.ndarray, *,
+                         rtol: float = 1e-4) -> dict[str, Any]:
+    """Compare the ``cam`` and ``ood_score`` outputs of an explained export with PyTorch's on the same images.
+
+    The maps are compared relative to their largest magnitude (``rtol``), the scores (in [0, 2]) absolutely.
+    Returns ``{"max_abs_diff_cam", "max_abs_cam", "max_abs_diff_ood_score", "n_images", "passed"}``.
+    """
+    images = check_batch(images, what="parity images")
+    session = cpu_session(onnx_path)
+    was_training = module.training
+    module.eval()
+    try:
+        _, _, cam, ood = module(torch.from_numpy(np.ascontiguousarray(images)))
+    finally:
+        module.train(was_training)
+    cam_onnx = run_onnx(session, images, output="cam")
+    ood_onnx = run_onnx(session, images, output="ood_score")
+    scale = max(1.0, float(cam.abs().max()))
+    cam_diff = float(np.max(np.abs(cam.numpy() - cam_onnx)))
+    ood_diff = float(np.max(np.abs(ood.numpy() - ood_onnx)))
+    return {"max_abs_diff_cam": cam_diff, "max_abs_cam": scale, "max_abs_diff_ood_score": ood_diff,
+            "n_images": int(len(images)), "passed": cam_diff <= rtol * scale and ood_diff <= rtol * 10}

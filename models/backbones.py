@@ -10,21 +10,32 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 
 from ._registry import BackboneSpec, BackboneWeightsError, register_backbone
 from .efficientnet_lite import HEAD_CHANNELS, efficientnet_lite0
 
+FeatureMapOf = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (network, batch) -> its last feature map
+
 
 class BackboneFeatures(nn.Module):
-    """Wraps a classification network whose final layer was replaced by ``Identity``: output = pooled features."""
+    """A classification network without its head: ``feature_map`` is its last feature map ``[N, C, h, w]`` (what
+    ``feature_map_of(net, x)`` computes), ``forward`` that map's global average, the pooled features ``[N, C]``.
 
-    def __init__(self, net: nn.Module, forward_name: str = "forward"):
+    Every backbone ends in global average pooling, so a linear head on these features is a linear map of the
+    feature map too: that is what makes class activation maps exact (``models.explain``).
+    """
+
+    def __init__(self, net: nn.Module, feature_map_of: FeatureMapOf):
         super().__init__()
         self.net = net
-        self._forward_name = forward_name
+        self._feature_map_of = feature_map_of
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self._feature_map_of(self.net, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self.net, self._forward_name)(x)
+        return torch.flatten(F.adaptive_avg_pool2d(self.feature_map(x), 1), 1)
 
 
 def _lite0_blocks(features: nn.Module) -> list[nn.Module]:
@@ -32,10 +43,14 @@ def _lite0_blocks(features: nn.Module) -> list[nn.Module]:
     return [nn.ModuleList([net.stem_conv, net.stem_bn]), *net.blocks, nn.ModuleList([net.head_conv, net.head_bn])]
 
 
+def _lite0_map(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return net.forward_map(x)
+
+
 def _build_lite0(pretrained: bool) -> nn.Module:
     net = efficientnet_lite0(pretrained=pretrained)
     net.classifier = nn.Identity()  # the ImageNet head was loaded (strictly) and is now dropped
-    return BackboneFeatures(net, "forward_features")
+    return BackboneFeatures(net, _lite0_map)
 
 
 register_backbone(
@@ -62,7 +77,19 @@ def torchvision_checkpoint_path(file_name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
 
-def _build_torchvision(arch: str, weights_name: str, head_attr: str, pretrained: bool) -> nn.Module:
+def _resnet_map(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``ResNet._forward_impl`` up to its average pooling."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+
+def _features_map(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's MobileNet / EfficientNet: ``net.features`` ends before the average pooling."""
+    return net.features(x)
+
+
+def _build_torchvision(arch: str, weights_name: str, head_attr: str, feature_map_of: FeatureMapOf,
+                       pretrained: bool) -> nn.Module:
     weights = torchvision.models.get_weight(weights_name) if pretrained else None
     try:
         net = torchvision.models.get_model(arch, weights=weights)
@@ -75,7 +102,7 @@ def _build_torchvision(arch: str, weights_name: str, head_attr: str, pretrained:
             f"ship with the requirements and work offline."
         ) from exc
     setattr(net, head_attr, nn.Identity())
-    return BackboneFeatures(net)
+    return BackboneFeatures(net, feature_map_of)
 
 
 def _resnet_blocks(features: nn.Module) -> list[nn.Module]:
@@ -93,13 +120,13 @@ def _features_blocks(features: nn.Module) -> list[nn.Module]:
 
 
 def _register_torchvision(name: str, weights_name: str, head_attr: str, feature_dim: int, description: str,
-                          blocks: Callable[[nn.Module], list[nn.Module]]) -> None:
+                          blocks: Callable[[nn.Module], list[nn.Module]], feature_map_of: FeatureMapOf) -> None:
     weights = torchvision.models.get_weight(weights_name)
     preset = weights.transforms()  # torchvision's own preprocessing for these weights
     register_backbone(
         BackboneSpec(
             name=name,
-            build=partial(_build_torchvision, name, weights_name, head_attr),
+            build=partial(_build_torchvision, name, weights_name, head_attr, feature_map_of),
             blocks=blocks,
             input_size=preset.crop_size[0],
             resize_size=preset.resize_size[0],
@@ -117,8 +144,11 @@ def _register_torchvision(name: str, weights_name: str, head_attr: str, feature_
 
 
 _register_torchvision("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "fc", 512,
-                      "ResNet-18, 11.7M params: the classic baseline. Downloads weights on first use.", _resnet_blocks)
+                      "ResNet-18, 11.7M params: the classic baseline. Downloads weights on first use.", _resnet_blocks,
+                      _resnet_map)
 _register_torchvision("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V1", "classifier", 960,
-                      "MobileNetV3-Large, 5.5M params: fast on CPU. Downloads weights on first use.", _features_blocks)
+                      "MobileNetV3-Large, 5.5M params: fast on CPU. Downloads weights on first use.", _features_blocks,
+                      _features_map)
 _register_torchvision("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", "classifier", 1280,
-                      "EfficientNet-B0, 5.3M params: SE + swish. Downloads weights on first use.", _features_blocks)
+                      "EfficientNet-B0, 5.3M params: SE + swish. Downloads weights on first use.", _features_blocks,
+                      _features_map)

@@ -92,7 +92,8 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    """EfficientNet-Lite0. ``forward_features`` gives the pooled 1280-d features, ``forward`` the logits."""
+    """EfficientNet-Lite0. ``forward_map`` gives the last feature map ``[N, 1280, H/32, W/32]``,
+    ``forward_features`` its global average (the pooled 1280-d features), ``forward`` the logits."""
 
     def __init__(self, num_classes: int = 1000, *, dropout: float = 0.2, drop_path_rate: float = 0.2):
         super().__init__()
@@ -130,11 +131,13 @@ class EfficientNetLite(nn.Module):
                 nn.init.uniform_(m.weight, -1.0 / math.sqrt(m.out_features), 1.0 / math.sqrt(m.out_features))
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self.stem_bn(self.stem_conv(x)))
         x = self.blocks(x)
-        x = F.relu6(self.head_bn(self.head_conv(x)))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return F.relu6(self.head_bn(self.head_conv(x)))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.forward_map(x), 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.forward_features(x)))

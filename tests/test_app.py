@@ -324,8 +324,10 @@ def test_predict_offers_validation_examples_that_classify_on_click(trained):
     assert {c.removeprefix("true: ") for c in captions} == {"circle", "square", "triangle"}  # classes in turn
     state = trained["state"]
     event = SimpleNamespace(index=1)
-    label, info, table, shown = app.predict_example(state, "run:fp32", event)
+    label, info, table, looked, shown = app.predict_example(state, "run:fp32", event)
     assert set(label) <= {"circle", "square", "triangle"} and len(table) == 1
+    size = _run_report(trained)["image_size"]
+    assert looked.shape == (size, size, 3) and "pushed the model most towards" in info  # where it looked
     clicked = Image.open(state["examples"][1])  # the clicked image fills the input box, re-encoded
     assert isinstance(shown, Image.Image) and shown.size == clicked.size and shown is not clicked
     assert info.startswith(f"True class: **{captions[1].removeprefix('true: ')}**")
@@ -475,8 +477,9 @@ def _val_image(trained, cls="circle") -> Path:
 
 def test_predict_returns_a_label_dict_with_provider_and_latency(trained):
     state = trained["state"]
-    label, info, table = app.predict(state, "run:fp32", Image.open(_val_image(trained)), None)
+    label, info, table, looked = app.predict(state, "run:fp32", Image.open(_val_image(trained)), None)
     assert set(label) <= {"circle", "square", "triangle"} and len(label) == 3
+    assert looked is not None and table["fits a class?"].tolist() == ["yes"]  # the app exports the explain outputs
     assert abs(sum(label.values()) - 1.0) < 1e-3
     assert "ExecutionProvider" in info and " ms" in info
     assert len(table) == 1
@@ -486,7 +489,7 @@ def test_predict_returns_a_label_dict_with_provider_and_latency(trained):
     offered = [key for _, key in trained["final"]["model_choice"]["choices"]]
     assert offered == ["run:fp32", *(f"run:{v}" for v in accepted)]
     for choice in offered:
-        label, info, table = app.predict(state, choice, None, files)
+        label, info, table, _looked = app.predict(state, choice, None, files)
         assert len(table) == 3 and set(table["prediction"]) <= {"circle", "square", "triangle"}
 
 
@@ -524,7 +527,7 @@ def test_uploaded_onnx_model_is_used_and_bad_files_are_refused(trained, tmp_path
     assert choice["value"] == app.UPLOADED_MODEL and "3 classes" in desc
     stored = Path(state["uploaded_model"])
     assert stored.is_relative_to(app.SESSIONS.folder(state)) and stored != upload
-    label, info, _ = app.predict(state, app.UPLOADED_MODEL, Image.open(_val_image(trained)), None)
+    label, info, *_ = app.predict(state, app.UPLOADED_MODEL, Image.open(_val_image(trained)), None)
     assert set(label) <= {"circle", "square", "triangle"}
 
     bogus = tmp_path / "bogus.onnx"

@@ -140,7 +140,7 @@ def test_training_flags_are_trainconfig_keys_and_bench_has_no_idle_flags() -> No
     from core.config import FIELDS
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    others = {"help", "data", "config", "val_fraction", "test_fraction", "out", "no_export", "mode"}
+    others = {"help", "data", "config", "val_fraction", "test_fraction", "out", "no_export", "explain", "mode"}
     for name in ("compare", "train", "bench"):
         dests = [a.dest for a in sub.choices[name]._actions]
         assert len(dests) == len(set(dests)), name  # every flag defined once

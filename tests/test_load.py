@@ -90,7 +90,7 @@ def test_concurrent_predictions_stay_in_their_session_while_training(server, tmp
         start = time.monotonic()
         for _attempt in range(3):
             try:
-                label, info, _table = c.predict("run:fp32", handle_file(image), None, api_name="/predict")
+                label, info, _table, _looked = c.predict("run:fp32", handle_file(image), None, api_name="/predict")
                 break
             except CancelledError:
                 # gradio_client 2.7 shares one SSE stream per Client; when the server closes it (its last event
@@ -120,7 +120,7 @@ def test_concurrent_predictions_stay_in_their_session_while_training(server, tmp
     assert training_then in RUNNING, training_then  # still training (BOTH_ARMS lasts well over 1.5 s) ...
     assert queued_then in ("IN_QUEUE", "JOINING_QUEUE", "STARTING"), queued_then  # ... so the fourth one waited
     queued.cancel()  # leaving the queue is fine too; the server must stay healthy
-    label, _, _ = shapes.predict("run:fp32", handle_file(images[0]), None, api_name="/predict")
+    label, *_ = shapes.predict("run:fp32", handle_file(images[0]), None, api_name="/predict")
     assert label["label"] in SHAPES
     print(f"24 predictions in {predictions_seconds:.1f} s (slowest {slowest:.2f} s, {len(resent)} resent) "
           "while training")

@@ -4,6 +4,7 @@ refuses hostile files with a message naming the problem; behind it, ``check_mode
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from core.runtime.model_check import ALLOWED_OPS, DEFAULT_DOMAINS, Limits, Unsaf
 from core.runtime.predictor import ModelTimeLimitError, Predictor, PredictorCache, check_model_file
 from export.onnx_export import export_classifier
 from export.variants import VARIANTS, variant_path
+from models.explain import calibrate_ood, pooled_features
 from tests import hostile_models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,13 +30,16 @@ SIZE = 64  # big enough that the pooled map is 2x2: the exporter's Shape/Range/G
 CLASSES = ["cat", "dog", "fox"]
 
 
-def export_variants(folder: Path, backbone: str, size: int = SIZE) -> dict[str, Path]:
-    """``backbone`` (random weights: no download) exported at ``size`` px, and every variant of ``VARIANTS``."""
+def export_variants(folder: Path, backbone: str, size: int = SIZE, *, explain: bool = True) -> dict[str, Path]:
+    """``backbone`` (random weights: no download) exported at ``size`` px, with the explain outputs as the app
+    exports it or plain as the command line does by default, and every variant of ``VARIANTS``."""
     torch.manual_seed(0)
     classifier = models.build_classifier(backbone, len(CLASSES), pretrained=False).eval()
-    fp32 = folder / f"{backbone}.onnx"
-    export_classifier(classifier, fp32, image_size=size, classes=CLASSES, training_mode="scratch")
+    fp32 = folder / f"{backbone}{'-explained' if explain else ''}.onnx"
     calibration = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+    ood = calibrate_ood(pooled_features(classifier, calibration[:3]), np.arange(3), pooled_features(
+        classifier, calibration[3:]), len(CLASSES)) if explain else None
+    export_classifier(classifier, fp32, image_size=size, classes=CLASSES, training_mode="scratch", explain=ood)
     paths = {}
     for name, variant in VARIANTS.items():
         paths[name] = variant_path(fp32, name)
@@ -72,13 +77,13 @@ def test_every_variant_passes_the_check_and_runs(exported):
         assert info["variant"] == name and info["classes"] == CLASSES and info["image_size"] == SIZE
 
 
-@pytest.mark.slow  # exports four backbones with three variants each: about two minutes on two cores
+@pytest.mark.slow  # exports four backbones, plain and explained, with three variants each: minutes on two cores
 def test_allowlist_is_exactly_what_every_backbone_exports(tmp_path):
     """The allowlist is the union of the ops of every registered backbone's variants, no more (a stale entry would
     widen what uploads may use) and no less (a new exporter op would refuse the app's own files)."""
     used: set[tuple[str, str]] = set()
-    for backbone in models.list_backbones():
-        for name, path in export_variants(tmp_path, backbone).items():
+    for backbone, explain in itertools.product(models.list_backbones(), (False, True)):
+        for name, path in export_variants(tmp_path, backbone, explain=explain).items():
             used |= ops_of(path)
             assert check_structure(path).image_size == SIZE, (backbone, name)
     assert {domain for domain, _ in used} <= set(DEFAULT_DOMAINS)

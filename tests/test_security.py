@@ -239,7 +239,7 @@ def test_predict_memory_is_bounded_for_many_large_images(server, tmp_path):
     near_limit = big_png(tmp_path / "near-limit.png", 6000)  # 36 MP: under the 40 MP cap per image
     files = [handle_file(str(near_limit)) for _ in range(8)]
     with PeakRSS(proc.pid) as rss:
-        label, _info, table = visitor.predict("run:fp32", None, files, api_name="/predict")
+        label, _info, table, _looked = visitor.predict("run:fp32", None, files, api_name="/predict")
     assert len(table["data"]) == 8 and label["label"]
     # Decoded at full size, eight of these held ~2.6 GB at once; reduced while decoding, one at a time, far less.
     assert rss.growth < 600, f"the server grew by {rss.growth:.0f} MB for 8 images of 36 MP"

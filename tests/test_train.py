@@ -71,7 +71,11 @@ def test_report_has_the_documented_schema(tiny_result, tmp_path):
                                           "val_accuracy", "selection_loss", "selection_accuracy"}
         assert np.sum(run["confusion_matrix"]) == sum(report["dataset"]["counts"]["val"].values())
     assert "speedup_time_to_target" in report
-    assert set(report["diagnostics"]) == {"imbalance", "leakage", "duplicates", "shortcuts", "overfitting"}
+    assert set(report["diagnostics"]) == {"imbalance", "leakage", "duplicates", "shortcuts", "unfamiliar",
+                                          "overfitting"}
+    for arm, unfamiliar in report["diagnostics"]["unfamiliar"].items():
+        assert set(unfamiliar) == {"threshold", "quantile", "n_val", "val_above", "val_median"}, arm
+        assert unfamiliar["n_val"] == 6 and unfamiliar["val_above"] <= 1, arm
     assert report["diagnostics"]["shortcuts"]["checked"] and not report["diagnostics"]["shortcuts"]["flagged"]
     dupes = report["diagnostics"]["duplicates"]
     assert dupes["used_features"] and set(dupes["counts"]) == {"leakage", "label conflict", "repeat"}

@@ -2,14 +2,19 @@
 
 Graph input ``image``: uint8 RGB ``[N, H, W, 3]``, already resized and centre-cropped by the rule written in the
 metadata (``core.runtime.images``). Outputs: ``logits`` and ``probabilities`` for a classifier, ``features`` for a
-backbone. ``metadata_props`` (all strings): ``format``, ``kind``, ``image_size``, ``resize_size``, ``interpolation``,
-``resize_rule``, ``backbone``, ``variant``, ``project_version``, and ``classes``/``training_mode``/``metrics`` or
-``feature_dim``. Written by ``model_metadata`` + ``set_metadata``, read back by ``parse_metadata``.
+backbone. A classifier exported with ``explain`` has two more (``EXPLAIN_OUTPUTS``): ``cam`` ``[N, K, h, w]``, a class
+activation map per class whose spatial mean is that class's logit less the head's bias, and ``ood_score`` ``[N]``,
+how unlike every class the image is, with the threshold above which it fits no class in ``ood_threshold``.
+``metadata_props`` (all strings): ``format``, ``kind``, ``image_size``, ``resize_size``, ``interpolation``,
+``resize_rule``, ``backbone``, ``variant``, ``project_version``, and ``classes``/``training_mode``/``metrics``
+(+ ``outputs``, ``ood_threshold``, ``ood_rule`` when explained) or ``feature_dim``. Written by ``model_metadata`` +
+``set_metadata``, read back by ``parse_metadata``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +29,12 @@ FORMAT_PREFIX = "transfer-lab/"
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "probabilities")
 FEATURES_OUTPUT = "features"
+CAM_OUTPUT = "cam"
+OOD_OUTPUT = "ood_score"
+EXPLAIN_OUTPUTS = (CAM_OUTPUT, OOD_OUTPUT)
+OOD_RULE = ("1 - the largest cosine similarity between the image's pooled features and the class centroids of the "
+            "training images; above ood_threshold (the {quantile:g} quantile of the validation images' scores) the "
+            "image looks unlike anything the model was trained on")
 INTERPOLATIONS = ("bilinear", "bicubic")
 
 EXPORT_HINT = "Export a trained run with `python -m export onnx --run RUN_DIR`."
@@ -52,10 +63,17 @@ class ModelInfo:
     format: str = FORMAT
     resize_rule: str = ""
     feature_dim: int | None = None
+    outputs: tuple[str, ...] = OUTPUT_NAMES  # the classifier's outputs; EXPLAIN_OUTPUTS too when exported with them
+    ood_threshold: float | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def explains(self) -> bool:
+        """The model also outputs class activation maps and an out-of-distribution score (with its threshold)."""
+        return all(name in self.outputs for name in EXPLAIN_OUTPUTS) and self.ood_threshold is not None
 
 
 # ---------------------------------------------------------------- metadata
@@ -119,6 +137,24 @@ def parse_metadata(meta: Mapping[str, str], path: str | os.PathLike[str]) -> Mod
     except ValueError:
         metrics = {}
     feature_dim = int(meta["feature_dim"]) if meta.get("feature_dim", "").isdigit() else None
+    outputs, ood_threshold = OUTPUT_NAMES, None
+    if kind == "classifier" and "outputs" in meta:
+        try:
+            listed = json.loads(meta["outputs"])
+            outputs = tuple(listed)
+            if not set(OUTPUT_NAMES) <= set(outputs) or not all(isinstance(o, str) for o in outputs):
+                raise ValueError
+        except (ValueError, TypeError):
+            raise bad_model(path, f"metadata 'outputs' must be a JSON list of output names including "
+                                  f"{list(OUTPUT_NAMES)}, got {meta['outputs']!r}. {EXPORT_HINT}") from None
+    if OOD_OUTPUT in outputs:
+        try:
+            ood_threshold = float(meta["ood_threshold"])
+            if not math.isfinite(ood_threshold):
+                raise ValueError
+        except (KeyError, ValueError):
+            raise bad_model(path, "a model with an 'ood_score' output needs a finite number in metadata "
+                                  f"'ood_threshold', got {meta.get('ood_threshold')!r}. {EXPORT_HINT}") from None
     return ModelInfo(
         path=path,
         kind=kind,
@@ -134,6 +170,8 @@ def parse_metadata(meta: Mapping[str, str], path: str | os.PathLike[str]) -> Mod
         format=fmt,
         resize_rule=meta.get("resize_rule", ""),
         feature_dim=feature_dim,
+        outputs=outputs,
+        ood_threshold=ood_threshold,
     )
 
 
@@ -145,10 +183,11 @@ def resize_rule(image_size: int, resize_size: int, interpolation: str) -> str:
 
 
 def model_metadata(spec: Any, *, image_size: int, kind: str, classes: list[str] | None = None,
-                   training_mode: str | None = None, metrics: dict | None = None, variant: str = "fp32"
-                   ) -> dict[str, str]:
+                   training_mode: str | None = None, metrics: dict | None = None, variant: str = "fp32",
+                   ood_threshold: float | None = None, ood_quantile: float | None = None) -> dict[str, str]:
     """The ``metadata_props`` of an exported file. ``spec`` is the backbone's ``models.BackboneSpec`` (its name,
-    interpolation, feature width and ``resize_for``)."""
+    interpolation, feature width and ``resize_for``). ``ood_threshold`` (with the validation ``ood_quantile`` it was
+    taken at): the classifier also has the ``EXPLAIN_OUTPUTS``."""
     resize_size = spec.resize_for(image_size)
     meta = {
         "format": FORMAT,
@@ -165,6 +204,10 @@ def model_metadata(spec: Any, *, image_size: int, kind: str, classes: list[str] 
         meta["classes"] = json.dumps(list(classes or []))
         meta["training_mode"] = str(training_mode)
         meta["metrics"] = json.dumps(metrics or {}, default=float)
+        if ood_threshold is not None:
+            meta["outputs"] = json.dumps([*OUTPUT_NAMES, *EXPLAIN_OUTPUTS])
+            meta["ood_threshold"] = repr(float(ood_threshold))
+            meta["ood_rule"] = OOD_RULE.format(quantile=ood_quantile if ood_quantile is not None else float("nan"))
     else:
         meta["feature_dim"] = str(spec.feature_dim)
     return meta

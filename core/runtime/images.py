@@ -394,3 +394,31 @@ __all__ = [
     "to_array",
     "to_rgb",
 ]
+
+
+# A perceptually ordered colour scale (matplotlib's "inferno" at 8 stops): dark = adds little, bright = adds most.
+_HEAT_STOPS = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
+                        [250, 193, 39], [252, 255, 164]], dtype=np.float32)
+
+
+def heatmap_overlay(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.55) -> np.ndarray:
+    """A class activation map (``cam`` ``[h, w]``, one class of the model's ``cam`` output) laid over the image the
+    model saw (uint8 ``[S, S, 3]``): the map is stretched to [0, 1] (lowest to highest value), resized to ``S`` with
+    bilinear interpolation, coloured from dark (adds least to the class) to bright yellow (adds most) and blended
+    with ``alpha``. Returns uint8 ``[S, S, 3]``."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {list(image.shape)}.")
+    cam = np.asarray(cam, dtype=np.float32)
+    if cam.ndim != 2:
+        raise ValueError(f"cam must be one class's map [h, w], got shape {list(cam.shape)}.")
+    low, span = float(cam.min()), float(cam.max() - cam.min())
+    unit = (cam - low) / span if span > 0 else np.zeros_like(cam)
+    size = (image.shape[1], image.shape[0])
+    heat = np.asarray(Image.fromarray(unit).resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    position = np.clip(heat, 0.0, 1.0) * (len(_HEAT_STOPS) - 1)
+    lower = np.minimum(position.astype(np.int64), len(_HEAT_STOPS) - 2)
+    frac = (position - lower)[..., None]
+    colour = _HEAT_STOPS[lower] * (1 - frac) + _HEAT_STOPS[lower + 1] * frac
+    blended = image.astype(np.float32) * (1 - alpha) + colour * alpha
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)

@@ -38,18 +38,19 @@ import numpy as np
 
 from core.runtime.contract import EXPORT_HINT, INPUT_NAME, ModelFormatError
 
-# Every op type in the graphs this app exports, and nothing else (all in the default ONNX domain). Derived by
-# exporting each registered backbone (efficientnet_lite0, efficientnet_b0, mobilenet_v3_large, resnet18) as a
-# classifier with export.onnx_export.export_classifier at 32, 64 and 224 px (at 32 the pooled map is 1x1 and the
-# exporter's as_strided index graph, Shape/Squeeze/Range/Mul/Unsqueeze/Add/Gather, is absent), building each
-# variant of export.variants.VARIANTS from it (int8: quantize_int8, fp16: convert_fp16) and listing the union of
-# their nodes' op types (torch 2.14.1, onnxruntime 1.31.1, opset 18). tests/test_model_check.py exports the
-# default backbone's variants and fails if one uses an op missing here; its slow test exports every backbone and
-# requires the union to equal this set, so the list cannot go stale either way.
+# Every op type in the graphs this app exports, and nothing else (all in the default ONNX domain). Derived by exporting
+# each registered backbone (efficientnet_lite0, efficientnet_b0, mobilenet_v3_large, resnet18) as a classifier with
+# export.onnx_export.export_classifier, plain and with explain (class activation maps and the out-of-distribution score:
+# MatMul, Reciprocal, ReduceMax, ReduceSum, Sqrt, Sub), at 32, 64 and 224 px (at 32 the pooled map is 1x1 and the
+# exporter's as_strided index graph, Shape/Squeeze/Range/Mul/Unsqueeze/Add/Gather, is absent), building each variant of
+# export.variants.VARIANTS from it (int8: quantize_int8, fp16: convert_fp16) and listing the union of their nodes' op
+# types (torch 2.14.1, onnxruntime 1.31.1, opset 18). tests/test_model_check.py exports the default backbone's variants
+# and fails if one uses an op missing here; its slow test exports every backbone and requires the union to equal this
+# set, so the list cannot go stale either way.
 ALLOWED_OPS: frozenset[str] = frozenset({
-    "Add", "Cast", "Clip", "Conv", "DequantizeLinear", "Gather", "Gemm", "HardSigmoid", "HardSwish", "MaxPool", "Mul",
-    "QuantizeLinear", "Range", "ReduceMean", "Relu", "Reshape", "Shape", "Sigmoid", "Softmax", "Squeeze", "Transpose",
-    "Unsqueeze",
+    "Add", "Cast", "Clip", "Conv", "DequantizeLinear", "Gather", "Gemm", "HardSigmoid", "HardSwish", "MatMul",
+    "MaxPool", "Mul", "QuantizeLinear", "Range", "Reciprocal", "ReduceMax", "ReduceMean", "ReduceSum", "Relu",
+    "Reshape", "Shape", "Sigmoid", "Softmax", "Sqrt", "Squeeze", "Sub", "Transpose", "Unsqueeze",
 })
 DEFAULT_DOMAINS = ("", "ai.onnx")
 UPLOAD_HINT = ("Upload a model exported by this app (train a model here and download its .onnx file, or run "

@@ -24,9 +24,9 @@ import onnxruntime as ort
 from PIL import Image
 
 from core.runtime.contract import (
+    EXPLAIN_OUTPUTS,
     FEATURES_OUTPUT,
     INPUT_NAME,
-    OUTPUT_NAMES,
     ModelFormatError,
     ModelInfo,
     bad_model,
@@ -47,7 +47,7 @@ def check_signature(session: ort.InferenceSession, info: ModelInfo) -> None:
         raise bad_model(info.path, f"input {INPUT_NAME!r} has shape {shape}, expected "
                               f"[N, {info.image_size}, {info.image_size}, 3] (from metadata 'image_size').")
     outputs = {o.name: o for o in session.get_outputs()}
-    expected = OUTPUT_NAMES if info.kind == "classifier" else (FEATURES_OUTPUT,)
+    expected = info.outputs if info.kind == "classifier" else (FEATURES_OUTPUT,)
     if any(name not in outputs for name in expected):
         raise bad_model(info.path, f"expected outputs {list(expected)}, got {list(outputs)}.")
     if info.kind == "classifier":
@@ -107,16 +107,20 @@ class _Runner:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.batch_size = batch_size
 
-    def _run_batch(self, batch: np.ndarray, options: ort.RunOptions | None = None) -> np.ndarray:
+    def _run_batch(self, batch: np.ndarray, options: ort.RunOptions | None = None,
+                   names: Sequence[str] | None = None) -> list[np.ndarray]:
+        names = list(names or [self.output_name])
         if not self._io_binding:
-            return self._session.run([self.output_name], {INPUT_NAME: batch}, options)[0]
+            return self._session.run(names, {INPUT_NAME: batch}, options)
         binding = self._session.io_binding()  # one per call: IO bindings are not shared between threads
         binding.bind_cpu_input(INPUT_NAME, batch)
-        binding.bind_output(self.output_name, self._device_type)
+        for name in names:
+            binding.bind_output(name, self._device_type)
         self._session.run_with_iobinding(binding, options)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.copy_outputs_to_cpu()
 
-    def _run_limited(self, batch: np.ndarray, seconds: float, n_images: int) -> np.ndarray:
+    def _run_limited(self, batch: np.ndarray, seconds: float, n_images: int,
+                     names: Sequence[str] | None = None) -> list[np.ndarray]:
         """``_run_batch`` stopped by onnxruntime once ``seconds`` have passed (``RunOptions.terminate``, which the
         session checks between operators), raising ``ModelTimeLimitError``."""
         options = ort.RunOptions()
@@ -131,7 +135,7 @@ class _Runner:
         timer.daemon = True
         timer.start()
         try:
-            return self._run_batch(batch, options)
+            return self._run_batch(batch, options, names)
         except Exception:
             if not stopped.is_set():
                 raise
@@ -142,15 +146,16 @@ class _Runner:
                                   f"{images} and was stopped. Models exported by this app take well under a second "
                                   "per image; try fewer images at once, or a smaller model.") from None
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray, names: Sequence[str] | None = None) -> list[np.ndarray]:
+        """The outputs ``names`` (default: ``output_name`` alone) for ``batch``, run ``batch_size`` images at a time."""
         chunks = [batch] if len(batch) <= self.batch_size else \
             [batch[i:i + self.batch_size] for i in range(0, len(batch), self.batch_size)]
         if self.time_limit is None:
-            parts = [self._run_batch(chunk) for chunk in chunks]
+            parts = [self._run_batch(chunk, names=names) for chunk in chunks]
         else:  # one deadline for the whole call, however many batches it takes
             deadline = time.monotonic() + self.time_limit
-            parts = [self._run_limited(chunk, deadline - time.monotonic(), len(batch)) for chunk in chunks]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+            parts = [self._run_limited(chunk, deadline - time.monotonic(), len(batch), names) for chunk in chunks]
+        return parts[0] if len(parts) == 1 else [np.concatenate(outs) for outs in zip(*parts)]
 
     def _warm_up(self, size: int) -> None:
         if self._on_gpu:  # the first CUDA run allocates memory and picks convolution algorithms
@@ -190,7 +195,27 @@ class Predictor(_Runner):
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Probabilities ``[N, num_classes]`` float32 for prepared uint8 images ``[N, S, S, 3]``."""
-        return self._run(check_batch(images, self.image_size))
+        return self._run(check_batch(images, self.image_size))[0]
+
+    @property
+    def explains(self) -> bool:
+        """The model also gives class activation maps and an out-of-distribution score (``explain_arrays``)."""
+        return self.info.explains
+
+    def explain_arrays(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """``{"probabilities" [N, K], "cam" [N, K, h, w], "ood_score" [N], "fits_no_class" [N] bool}`` for prepared
+        uint8 images, from a model exported with ``explain`` (``explains``); ``ModelFormatError`` otherwise."""
+        if not self.explains:
+            raise bad_model(self.model_path, "this model has no 'cam' and 'ood_score' outputs; export it with "
+                                             "explain (`python -m export onnx --run RUN_DIR --explain`).")
+        probs, cam, scores = self._run(check_batch(images, self.image_size), ("probabilities", *EXPLAIN_OUTPUTS))
+        n, k = len(images), self.info.num_classes
+        if cam.ndim != 4 or cam.shape[:2] != (n, k) or not 0 < cam.shape[2] <= self.image_size \
+                or not 0 < cam.shape[3] <= self.image_size or scores.shape != (n,):
+            raise bad_model(self.model_path, f"its 'cam' output should be [{n}, {k}, h, w] and 'ood_score' [{n}] for "
+                                             f"{n} images, got {list(cam.shape)} and {list(scores.shape)}.")
+        return {"probabilities": probs, "cam": cam, "ood_score": scores,
+                "fits_no_class": scores > self.info.ood_threshold}
 
     def predict(self, images: Sequence[ImageInput] | ImageInput, top_k: int = 3) -> list[dict[str, Any]]:
         """Classify images (PIL images, file paths or uint8 arrays); one result dict per image."""
@@ -234,7 +259,7 @@ class OnnxFeatureExtractor(_Runner):
 
     def extract(self, images: np.ndarray) -> np.ndarray:
         """Float32 features for prepared uint8 images ``[N, S, S, 3]``."""
-        return self._run(check_batch(images, self.image_size)).astype(np.float32, copy=False)
+        return self._run(check_batch(images, self.image_size))[0].astype(np.float32, copy=False)
 
 
 # ---------------------------------------------------------------- serving helpers
