@@ -226,12 +226,16 @@ def _loaded(state: dict, label: str, ds: Dataset, sample: str | None = None) -> 
     state["dataset"], state["source"], state["sample"] = ds, label, sample
     examples, state["examples"] = validation_examples(ds)
     found = state["duplicates"] = duplicates.check_dataset(ds)
-    copies = len(found["train_copies"])
     return (state, dataset_summary(ds, label), plots.detached(plots.class_counts, ds.counts()), dataset_gallery(ds),
             skipped_table(ds), dataset_warnings(ds, found, shortcuts.check_dataset(ds)),
             gr.skip() if sample else gr.update(value=None),
-            active_dataset(ds, label), examples, gr.update(visible=found["flagged"]),
-            duplicate_gallery(ds, found) or None,
+            active_dataset(ds, label), examples, *_duplicate_views(ds, found))
+
+
+def _duplicate_views(ds: Dataset, found: dict) -> tuple:
+    """The Data tab's near-duplicate box, pairs and drop button for ``found`` (``core.duplicates.check_dataset``)."""
+    copies = len(found["train_copies"])
+    return (gr.update(visible=found["flagged"]), duplicate_gallery(ds, found) or None,
             gr.update(visible=copies > 0, value=f"🧹 Drop the {copies} training cop{'y' if copies == 1 else 'ies'}"))
 
 
@@ -293,6 +297,7 @@ TRAIN_OUTPUTS = (
     "diagnostics", "threshold_group", "positive", "threshold", "threshold_md", "threshold_cm", "export_md",
     *DOWNLOADS.values(), "dl_triton", "dl_report", "parity", "model_choice", "train_btn", "cancel_btn",
     "live_box", "results_box", "more_box", "more_md",  # shown once they have something to show
+    "dup_box", "dup_gallery", "drop_btn",  # the Data tab's near-duplicate pairs, found again with the features
 )
 _IDLE = dict(train_btn=gr.update(interactive=True), cancel_btn=gr.update(interactive=False))
 
@@ -434,6 +439,10 @@ def results_views(report: dict, result, run_dir: Path, state: dict) -> dict[str,
     state["last"] = summary.threshold_inputs(report, result)
     thr_md, thr_cm = summary.threshold_view(state["last"], classes[1], 0.5) if two else ("", None)
     choices = SESSIONS.model_choices({"run_dir": str(run_dir), "uploaded_model": state.get("uploaded_model")})
+    pairs = {}
+    if result.duplicates is not None and state.get("dataset") is result.dataset:  # the pairs with features, too
+        state["duplicates"] = result.duplicates
+        pairs = dict(zip(("dup_box", "dup_gallery", "drop_btn"), _duplicate_views(result.dataset, result.duplicates)))
     return dict(
         status=f"✅ Done: {len(runs)} arm(s) trained on {report.get('device', '?')} at {report['image_size']} px.",
         curves=plots.detached(plots.learning_curves, runs, report["target_accuracy"]),
@@ -444,7 +453,7 @@ def results_views(report: dict, result, run_dir: Path, state: dict) -> dict[str,
         threshold_group=gr.update(visible=two), positive=gr.update(choices=classes, value=classes[1]) if two else
         gr.skip(), threshold=gr.update(value=0.5), threshold_md=thr_md, threshold_cm=thr_cm,
         model_choice=gr.update(choices=choices, value=choices[0][1] if choices else None),
-        **export_views(report, run_dir, state),
+        **export_views(report, run_dir, state), **pairs,
     )
 
 

@@ -314,9 +314,14 @@ def unfamiliar_text(unfamiliar: dict) -> str:
             "the answer for a flagged picture; if ordinary pictures get flagged, train on more varied ones.")
 
 
+APP_POINTERS = {"Near-duplicate images": "The pairs are shown in the Data tab, with a button to drop the copies."}
+
+
 def diagnostics_md(report: dict) -> str:
+    """The pitfall checks for the app, with where in the app each flagged one is shown (``APP_POINTERS``)."""
     lines = ["### What to watch out for"]
     lines += [f"- {'⚠️' if flagged else '✅'} **{title}**: {md(message)}"
+              + (f" {APP_POINTERS[title]}" if flagged and title in APP_POINTERS else "")
               for title, flagged, message in diagnostic_items(report)]
     return "\n".join(lines)
 

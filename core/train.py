@@ -567,6 +567,7 @@ class CompareResult:
     selection_files: list[str] = field(default_factory=list)  # training images held out to choose the epoch
     cfg: TrainConfig | None = None
     selection: np.ndarray | None = None  # indices into ``train`` of the selection images (None: none held out)
+    duplicates: dict | None = None  # core.duplicates.check_dataset with the features (report: its public part)
 
 
 def run_compare(dataset: Dataset, cfg: TrainConfig | None = None, callbacks: Callbacks | None = None,
@@ -650,16 +651,18 @@ def _compare_once(dataset: Dataset, cfg: TrainConfig, callbacks: Callbacks, arms
     for arm in arms:
         results[arm] = trainers[arm](cfg, classes, train, val, test, device, callbacks, selection)
 
-    report = _report(dataset, cfg, device, image_size, results, train, val, test, selection, dataset_checks)
+    report, found = _report(dataset, cfg, device, image_size, results, train, val, test, selection, dataset_checks)
     callbacks.report("done", 1.0, "training finished")
     held_out = [train.files[i] for i in selection] if selection is not None else []
-    return CompareResult(report, results, train, val, test, dataset, held_out, cfg=cfg, selection=selection)
+    return CompareResult(report, results, train, val, test, dataset, held_out, cfg=cfg, selection=selection,
+                         duplicates=found)
 
 
 def _report(dataset: Dataset, cfg: TrainConfig, device: torch.device, image_size: int, results: dict[str, RunResult],
             train: PreparedImages, val: PreparedImages, test: PreparedImages | None,
-            selection: np.ndarray | None, dataset_checks: bool = True) -> dict:
-    """The comparison's report from its arms' results: each arm summarised, the paired test, the diagnostics."""
+            selection: np.ndarray | None, dataset_checks: bool = True) -> tuple[dict, dict | None]:
+    """The comparison's report from its arms' results (each arm summarised, the paired test, the diagnostics), and
+    the near-duplicate finding with its files (None without ``dataset_checks``; the report keeps its public part)."""
     classes = dataset.classes
     spec = models.get_backbone_spec(cfg.backbone)
     runs = {arm: summarize_run(r, classes, val, test, cfg.target_accuracy, seed=cfg.seed)
@@ -667,6 +670,7 @@ def _report(dataset: Dataset, cfg: TrainConfig, device: torch.device, image_size
     for run in runs.values():  # visitors download report.json: files relative to the dataset root, no server path
         for wrong in run["misclassified"]:
             wrong["file"] = dataset.relpath(wrong["file"])
+    diagnostics, found = _diagnostics(dataset, classes, train, val, test, results, runs, dataset_checks)
     return {
         "dataset": {**dataset.to_dict(), "classes": classes,  # no server path: visitors download report.json
                     "counts": dataset.counts(), "skipped": [dataclasses.asdict(s) for s in dataset.skipped]},
@@ -683,8 +687,8 @@ def _report(dataset: Dataset, cfg: TrainConfig, device: torch.device, image_size
         "intervals": stats.interval_method(cfg.seed),
         "selection": _selection_summary(selection, cfg, train, val, test),
         "comparison": compare_arms(results, val) if len(results) == 2 else None,
-        "diagnostics": _diagnostics(dataset, classes, train, val, test, results, runs, dataset_checks),
-    }
+        "diagnostics": diagnostics,
+    }, found
 
 
 def continue_arm(result: CompareResult, seconds: float, callbacks: Callbacks | None = None,
@@ -710,14 +714,14 @@ def continue_arm(result: CompareResult, seconds: float, callbacks: Callbacks | N
     fresh = trainer.result()
     fresh.trainer = trainer
     results = {**result.runs, arm: fresh}
-    report = _report(result.dataset, result.cfg, trainer.device, result.report["image_size"], results, result.train,
-                     result.val, result.test, result.selection)
+    report, found = _report(result.dataset, result.cfg, trainer.device, result.report["image_size"], results,
+                            result.train, result.val, result.test, result.selection)
     before = (result.report.get("continued") or {}).get(arm, {})
     report["continued"] = {**(result.report.get("continued") or {}),
                            arm: {"extra_seconds": before.get("extra_seconds", 0.0) + seconds,
                                  "times": before.get("times", 0) + 1}}
     callbacks.report("done", 1.0, "training finished")
-    return dataclasses.replace(result, report=report, runs=results)
+    return dataclasses.replace(result, report=report, runs=results, duplicates=found)
 
 
 def _selection_summary(selection: np.ndarray | None, cfg: TrainConfig, train: PreparedImages, val: PreparedImages,
@@ -774,7 +778,7 @@ def _subset(p: PreparedImages, lo: int, hi: int) -> PreparedImages:
 
 
 def _diagnostics(dataset: Dataset, classes, train, val, test, results: dict[str, RunResult], runs: dict,
-                 dataset_checks: bool = True) -> dict:
+                 dataset_checks: bool = True) -> tuple[dict, dict | None]:
     train_counts = dataset.counts()["train"]
     chance = float(np.bincount(val.labels).max() / len(val.labels))  # always answering the most common class
     main_arm = "pretrained" if "pretrained" in runs else next(iter(runs))
@@ -786,11 +790,12 @@ def _diagnostics(dataset: Dataset, classes, train, val, test, results: dict[str,
     def rel(files: list[str]) -> list[str]:
         return [dataset.relpath(f) for f in files]
 
-    checks = {}
+    checks, found = {}, None
     if dataset_checks:
         items = dataset.split("train") + dataset.split("val") + dataset.split("test")  # the order of the features
         both = np.concatenate([train_features, other_features]) if features else None
-        checks = {"duplicates": duplicates.public(duplicates.check_dataset(dataset, both, items=items)),
+        found = duplicates.check_dataset(dataset, both, items=items)
+        checks = {"duplicates": duplicates.public(found),
                   "shortcuts": shortcuts.check_dataset(dataset),
                   "unfamiliar": calibrate_unfamiliar(results, train, val, len(classes))}
     return {
@@ -800,4 +805,4 @@ def _diagnostics(dataset: Dataset, classes, train, val, test, results: dict[str,
                                        train_features, other_features),
         "overfitting": {arm: diagnostics.overfitting(run["history"], chance=chance, reported=run["val_accuracy"])
                         for arm, run in runs.items()},
-    }
+    }, found

@@ -173,6 +173,24 @@ def test_near_duplicates_are_shown_in_pairs_and_dropped_from_training_on_request
         app.drop_copies(dropped["state"])
 
 
+def test_after_training_the_data_tab_shows_the_pairs_found_with_the_features(app_root, tmp_path):
+    from core.config import TrainConfig
+    from core.train import run_compare
+
+    out = data_out(app.load_sample("shapes (with train/val duplicates)", app.new_session()))
+    state = out["state"]
+    assert not state["duplicates"]["used_features"]  # at load: the hashes alone
+    result = run_compare(state["dataset"], TrainConfig(image_size=32, epochs=1, train_scratch=False, device="cpu"))
+    views = app.results_views(result.report, result, tmp_path, state)
+    assert state["duplicates"] is result.duplicates and result.duplicates["used_features"]
+    assert views["dup_box"]["visible"] and "10 training copies" in views["drop_btn"]["value"]
+    assert len(views["dup_gallery"]) == min(12, sum(result.duplicates["counts"].values()))
+    assert "The pairs are shown in the Data tab" in views["diagnostics"]
+    out = data_out(app.load_sample("shapes (balanced)", state))  # another dataset since: its own pairs stay
+    app.results_views(result.report, result, tmp_path, state)
+    assert state["duplicates"] is not result.duplicates
+
+
 def test_the_clean_built_in_samples_show_no_near_duplicates(app_root):
     for preset in ("shapes (balanced)", "shapes (imbalanced 10:1)", "digits"):
         out = data_out(app.load_sample(preset, app.new_session()))
