@@ -84,7 +84,13 @@ def classify(predictor: Predictor, inputs: list[tuple[str, Image.Image]], model_
     t0 = time.perf_counter()
     k = min(top_k, len(predictor.classes))
     prepared = np.stack([predictor.prepare(image) for _, image in inputs])
-    explained = predictor.explain_arrays(prepared) if predictor.explains else None
+    explained = first_map = None
+    if predictor.explains:  # the map of the first image only: it is the one shown
+        explained = predictor.explain_arrays(prepared[:1])
+        first_map = explained.pop("cam")[0]
+        if len(prepared) > 1:
+            rest = predictor.explain_arrays(prepared[1:], maps=False)
+            explained = {key: np.concatenate([explained[key], rest[key]]) for key in rest}
     probs = explained["probabilities"] if explained else predictor.predict_arrays(prepared)
     ms = (time.perf_counter() - t0) * 1000
     ranked = [_ranked(row, predictor.classes, k) for row in probs]
@@ -95,7 +101,7 @@ def classify(predictor: Predictor, inputs: list[tuple[str, Image.Image]], model_
     looked = None
     if explained:
         top = int(probs[0].argmax())
-        looked = heatmap_overlay(prepared[0], explained["cam"][0, top])
+        looked = heatmap_overlay(prepared[0], first_map[top])
         info = (f"Bright areas of the picture below pushed the model most towards **{md(predictor.classes[top])}**."
                 f"\n\n{info}")
         if explained["fits_no_class"][0]:

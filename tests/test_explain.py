@@ -215,3 +215,13 @@ def test_the_standalone_example_warns_and_says_where_it_looked(shapes, explained
     plain = subprocess.run([sys.executable, str(example), str(explained[1]), str(image_file)], cwd=tmp_path,
                            capture_output=True, text=True, check=True).stdout
     assert len(plain.strip().splitlines()) == 3 and "region" not in plain
+
+
+def test_a_map_with_infinite_or_missing_values_still_draws():
+    """An uploaded model's map may hold inf or NaN (or float32 extremes whose range overflows): a picture, no error."""
+    image = np.full((32, 32, 3), 90, np.uint8)
+    for cam in ([[0, np.inf], [0, 0]], [[3e38, -3e38], [0, 0]], [[np.nan] * 2] * 2, [[np.nan, 1], [0, -np.inf]]):
+        out = heatmap_overlay(image, np.array(cam, np.float32))
+        assert out.shape == image.shape and out.dtype == np.uint8
+    hot = heatmap_overlay(image, np.array([[np.nan, 1], [0, -np.inf]], np.float32))
+    assert hot[:16, 16:].mean() > hot[16:, :16].mean()  # the one finite high value is the brightest quarter

@@ -124,7 +124,7 @@ def parse_metadata(meta: Mapping[str, str], path: str | os.PathLike[str]) -> Mod
     if kind == "classifier":
         try:
             parsed = json.loads(meta["classes"])
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, RecursionError):  # RecursionError: JSON nested thousands of levels deep
             raise bad_model(path, "metadata 'classes' must be a JSON list of class names, got "
                                   f"{meta.get('classes')!r}. {EXPORT_HINT}") from None
         if not isinstance(parsed, list) or len(parsed) < 2 or not all(isinstance(c, str) for c in parsed):
@@ -134,7 +134,7 @@ def parse_metadata(meta: Mapping[str, str], path: str | os.PathLike[str]) -> Mod
         raise bad_model(path, f"metadata 'kind' must be 'classifier' or 'features', got {kind!r}.")
     try:
         metrics = json.loads(meta.get("metrics") or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         metrics = {}
     feature_dim = int(meta["feature_dim"]) if meta.get("feature_dim", "").isdigit() else None
     outputs, ood_threshold = OUTPUT_NAMES, None
@@ -144,7 +144,7 @@ def parse_metadata(meta: Mapping[str, str], path: str | os.PathLike[str]) -> Mod
             outputs = tuple(listed)
             if not set(OUTPUT_NAMES) <= set(outputs) or not all(isinstance(o, str) for o in outputs):
                 raise ValueError
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             raise bad_model(path, f"metadata 'outputs' must be a JSON list of output names including "
                                   f"{list(OUTPUT_NAMES)}, got {meta['outputs']!r}. {EXPORT_HINT}") from None
     if OOD_OUTPUT in outputs:

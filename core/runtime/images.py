@@ -409,11 +409,17 @@ def heatmap_overlay(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.55) 
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {list(image.shape)}.")
-    cam = np.asarray(cam, dtype=np.float32)
+    cam = np.asarray(cam, dtype=np.float64)  # float64: the range of float32 extremes (3e38 - -3e38) stays finite
     if cam.ndim != 2:
         raise ValueError(f"cam must be one class's map [h, w], got shape {list(cam.shape)}.")
+    finite = np.isfinite(cam)
+    if not finite.any():
+        cam = np.zeros_like(cam)
+    else:  # an uploaded model's map may hold inf or NaN: they count as its highest / lowest finite value
+        low, high = float(cam[finite].min()), float(cam[finite].max())
+        cam = np.nan_to_num(cam, nan=low, posinf=high, neginf=low)
     low, span = float(cam.min()), float(cam.max() - cam.min())
-    unit = (cam - low) / span if span > 0 else np.zeros_like(cam)
+    unit = ((cam - low) / span if span > 0 else np.zeros_like(cam)).astype(np.float32)
     size = (image.shape[1], image.shape[0])
     heat = np.asarray(Image.fromarray(unit).resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
     position = np.clip(heat, 0.0, 1.0) * (len(_HEAT_STOPS) - 1)

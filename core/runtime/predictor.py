@@ -202,20 +202,22 @@ class Predictor(_Runner):
         """The model also gives class activation maps and an out-of-distribution score (``explain_arrays``)."""
         return self.info.explains
 
-    def explain_arrays(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def explain_arrays(self, images: np.ndarray, *, maps: bool = True) -> dict[str, np.ndarray]:
         """``{"probabilities" [N, K], "cam" [N, K, h, w], "ood_score" [N], "fits_no_class" [N] bool}`` for prepared
-        uint8 images, from a model exported with ``explain`` (``explains``); ``ModelFormatError`` otherwise."""
+        uint8 images, from a model exported with ``explain`` (``explains``); ``ModelFormatError`` otherwise.
+        ``maps=False`` leaves out ``cam`` (a caller that shows one map need not hold one per image)."""
         if not self.explains:
             raise bad_model(self.model_path, "this model has no 'cam' and 'ood_score' outputs; export it with "
                                              "explain (`python -m export onnx --run RUN_DIR --explain`).")
-        probs, cam, scores = self._run(check_batch(images, self.image_size), ("probabilities", *EXPLAIN_OUTPUTS))
-        n, k = len(images), self.info.num_classes
+        names = ("probabilities", *EXPLAIN_OUTPUTS) if maps else ("probabilities", EXPLAIN_OUTPUTS[1])
+        outputs = dict(zip(names, self._run(check_batch(images, self.image_size), names)))
+        n, k, scores = len(images), self.info.num_classes, outputs["ood_score"]
+        cam = outputs.get("cam", np.zeros((n, k, 1, 1), np.float32))
         if cam.ndim != 4 or cam.shape[:2] != (n, k) or not 0 < cam.shape[2] <= self.image_size \
                 or not 0 < cam.shape[3] <= self.image_size or scores.shape != (n,):
             raise bad_model(self.model_path, f"its 'cam' output should be [{n}, {k}, h, w] and 'ood_score' [{n}] for "
                                              f"{n} images, got {list(cam.shape)} and {list(scores.shape)}.")
-        return {"probabilities": probs, "cam": cam, "ood_score": scores,
-                "fits_no_class": scores > self.info.ood_threshold}
+        return {**outputs, "fits_no_class": scores > self.info.ood_threshold}
 
     def predict(self, images: Sequence[ImageInput] | ImageInput, top_k: int = 3) -> list[dict[str, Any]]:
         """Classify images (PIL images, file paths or uint8 arrays); one result dict per image."""
