@@ -106,6 +106,9 @@ CSS = """
 /* on a phone all five tabs fit in one row instead of hiding behind a "•••" menu */
 @media (max-width: 480px) {
   .tab-wrapper .tab-container button {padding: 0 9px !important; min-width: 0 !important}
+  /* galleries of pictures to look at: two (pairs: one) per row, so captions stay short and the pictures visible */
+  #mistakes .grid-container {grid-template-columns: repeat(2, minmax(0, 1fr)) !important}
+  #dup-gallery .grid-container {grid-template-columns: minmax(0, 1fr) !important}
 }
 """
 
@@ -704,9 +707,10 @@ def _results() -> dict[str, Any]:
                                          interactive=False)
     c["per_class"] = gr.Dataframe(headers=["class", "support"], label="Per-class report (validation set)",
                                   interactive=False, elem_id="per-class")
-    c["mistakes"] = gr.Gallery(label="Misclassified validation images (true → predicted, confidence); bright: where "
-                                     "the model looked for the class it chose", columns=6, height=300, format="png",
-                               object_fit="contain", elem_id="mistakes", fit_columns=False)
+    gr.Markdown("**Misclassified validation images** (true → predicted, confidence). Bright: where the model looked "
+                "for the class it chose.", elem_id="mistakes-title")
+    c["mistakes"] = gr.Gallery(label="Misclassified validation images", show_label=False, columns=6, height=300,
+                               format="png", object_fit="contain", elem_id="mistakes", fit_columns=False)
     return c
 
 
@@ -736,8 +740,8 @@ def _predict_tab() -> dict[str, Any]:
                                    height=240, elem_id="predict-looked",
                                    placeholder="After a prediction: which parts of the picture the answer rests on "
                                                "(models trained here; bright = counted most)")
-            c["batch_df"] = gr.Dataframe(headers=["image", "prediction", "probability", "top-k"], label="All images",
-                                         interactive=False, elem_id="predict-table")
+            c["batch_df"] = gr.Dataframe(headers=["image", "prediction", "fits a class?", "probability", "top-k"],
+                                         label="All images", interactive=False, wrap=True, elem_id="predict-table")
     return c
 
 

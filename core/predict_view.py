@@ -102,20 +102,24 @@ def classify(predictor: Predictor, inputs: list[tuple[str, Image.Image]], model_
     if explained:
         top = int(probs[0].argmax())
         looked = heatmap_overlay(prepared[0], first_map[top])
-        info = (f"Bright areas of the picture below pushed the model most towards **{md(predictor.classes[top])}**."
-                f"\n\n{info}")
+        info = (f"Bright areas of the picture below (the centre square the model sees) pushed it most towards "
+                f"**{md(predictor.classes[top])}**.\n\n{info}")
         if explained["fits_no_class"][0]:
             info = f"{UNFAMILIAR}\n\n{info}"
+        others = int(explained["fits_no_class"][1:].sum())
+        if others:
+            info = (f"⚠️ {others} of the other {len(inputs) - 1} image(s) look unlike anything the model was trained "
+                    f"on: see **fits a class?** in the table.\n\n{info}")
     warning = getattr(predictor, "fallback_warning", None)
     if warning:
         info += f"\n\n⚠️ {md(warning)}"
-    columns = ["image", "prediction", "probability", "top-k", *(["fits a class?"] if explained else [])]
+    columns = ["image", "prediction", *(["fits a class?"] if explained else []), "probability", "top-k"]
     rows = []
     for i, ((name, _), top_list) in enumerate(zip(inputs, ranked)):
         row = {"image": name, "prediction": top_list[0]["label"], "probability": round(top_list[0]["probability"], 4),
                "top-k": ", ".join(f"{t['label']} {t['probability']:.0%}" for t in top_list)}
         if explained:
-            row["fits a class?"] = "⚠️ no: unlike the training images" if explained["fits_no_class"][i] else "yes"
+            row["fits a class?"] = "⚠️ no" if explained["fits_no_class"][i] else "yes"
         rows.append(row)
     return label, info, pd.DataFrame(rows, columns=columns), looked
 

@@ -278,8 +278,9 @@ def verdicts_md(report: dict) -> str:
     return "### Verdicts\n" + "\n".join(parts)
 
 
-def diagnostic_items(report: dict) -> list[tuple[str, bool, str]]:
-    """The pitfall checks of a run as (title, flagged, message): imbalance, leakage, then overfitting per arm."""
+def diagnostic_items(report: dict) -> list[tuple[str, bool | None, str]]:
+    """The pitfall checks of a run as (title, flagged, message): imbalance, leakage, then overfitting per arm; then
+    what to look at (flagged None: an explanation, not a check)."""
     diag = report.get("diagnostics", {})
     items = [(title, d["flagged"], d["message"]) for key, title in (("imbalance", "Class imbalance"),
                                                                      ("leakage", "Train/validation leakage"))
@@ -291,27 +292,26 @@ def diagnostic_items(report: dict) -> list[tuple[str, bool, str]]:
     items += [(f"{'Not learned yet' if d.get('at_chance') else 'Overfitting'} ({arm})", d["flagged"], d["message"])
               for arm, d in diag.get("overfitting", {}).items()]
     if unfamiliar := diag.get("unfamiliar"):
-        items.append(("Where the model looked", False, LOOKED_TEXT))
-        items.append(("Images that fit no class", False, unfamiliar_text(unfamiliar)))
+        items.append(("Where the model looked", None, LOOKED_TEXT))
+        items.append(("Images that fit no class", None, unfamiliar_text(unfamiliar)))
     return items
 
 
-LOOKED_TEXT = ("the misclassified images below carry a heat map of where each model looked for the class it chose "
-               "(bright = counted most), and so does every picture in the Predict tab. If the bright areas sit on "
-               "the background, a border, text or a watermark instead of the object, the model learned a shortcut: "
-               "crop those out, or add pictures where they vary, and train again. The exported model gives the maps "
-               "too (output 'cam').")
+LOOKED_TEXT = ("heat maps show where a model looked for the class it chose (bright = counted most): on the "
+               "misclassified images below and in the Predict tab. If the bright areas sit on the background, a "
+               "border, text or a watermark instead of the object, the model learned a shortcut: crop those out or "
+               "add pictures where they vary, and train again.")
 
 
 def unfamiliar_text(unfamiliar: dict) -> str:
-    """The "fits no class" calibration of each arm (``diagnostics.unfamiliar``) in words."""
-    arms = "; ".join(f"{arm}: {d['val_above']} of {d['n_val']} validation images score above its threshold "
-                     f"{d['threshold']:.3f}" for arm, d in unfamiliar.items())
-    quantile = next(iter(unfamiliar.values()))["quantile"]
-    return (f"a model always answers with one of its classes, even for a picture of something else. The Predict tab "
-            f"and the exported model (output 'ood_score', threshold in its metadata) flag a picture whose features "
-            f"are further from every class than {quantile:.0%} of the validation images' are ({arms}). Do not trust "
-            "the answer for a flagged picture; if ordinary pictures get flagged, train on more varied ones.")
+    """The "fits no class" calibration (``diagnostics.unfamiliar``) in words: of the pretrained arm, the one the app
+    exports and Predict uses (report.json keeps every arm's)."""
+    arm = "pretrained" if "pretrained" in unfamiliar else next(iter(unfamiliar))
+    d = unfamiliar[arm]
+    return (f"a model always answers with one of its classes, even for a picture of something else. Predict warns "
+            f"when a picture is further from every class than {d['quantile']:.0%} of the validation images are "
+            f"({d['val_above']} of these {d['n_val']} are). Do not trust the answer for such a picture; if ordinary "
+            "ones get the warning, train on more varied pictures.")
 
 
 APP_POINTERS = {"Near-duplicate images": "The pairs are shown in the Data tab, with a button to drop the copies."}
@@ -320,7 +320,7 @@ APP_POINTERS = {"Near-duplicate images": "The pairs are shown in the Data tab, w
 def diagnostics_md(report: dict) -> str:
     """The pitfall checks for the app, with where in the app each flagged one is shown (``APP_POINTERS``)."""
     lines = ["### What to watch out for"]
-    lines += [f"- {'⚠️' if flagged else '✅'} **{title}**: {md(message)}"
+    lines += [f"- {'ℹ️' if flagged is None else '⚠️' if flagged else '✅'} **{title}**: {md(message)}"
               + (f" {APP_POINTERS[title]}" if flagged and title in APP_POINTERS else "")
               for title, flagged, message in diagnostic_items(report)]
     return "\n".join(lines)
@@ -345,8 +345,9 @@ def summary_text(report: dict) -> str:
     return "\n".join(lines)
 
 
-def misclassified_gallery(result: Any, classes: list[str], limit: int = 24) -> list[tuple[np.ndarray, str]]:
-    """``(validation crop, "arm: true → predicted confidence")`` for each arm's most confident mistakes. Where the
+def misclassified_gallery(result: Any, classes: list[str], limit: int = 12) -> list[tuple[np.ndarray, str]]:
+    """``(validation crop, "arm: true → predicted confidence")`` for each arm's ``limit`` most confident mistakes
+    (an arm at chance has dozens, which would bury the other's few). Where the
     arm's network is at hand, the crop carries its class activation map for the class it chose (``models.explain``):
     where it looked to get the answer wrong."""
     from core.metrics import misclassified
@@ -452,10 +453,10 @@ def export_summary(report: dict, run_dir: Path, *, clean: Callable[[str], str] =
                      f"`[N, {size}, {size}, 3]`, outputs `logits` and `probabilities`; class names and the resize "
                      "rule are in its metadata.")
         if "ood_score" in (exp.get("outputs") or []):
-            lines.append("Two more outputs say what the Predict tab shows: `cam`, where the model looked (one map per "
+            lines.append("Two more outputs give what the Predict tab shows: `cam`, where the model looked (one map per "
                          "class; bright = counted most), and `ood_score`, how unlike the training images a picture "
-                         f"is (above `ood_threshold` in the metadata, {exp['ood']['threshold']:.3f}, it fits no "
-                         "class). The example below uses them when present.")
+                         f"is: a score above {exp['ood']['threshold']:.3f} (`ood_threshold` in the metadata) means it "
+                         "fits no class. The example below uses both.")
     else:
         lines.append("ℹ️ No ONNX model was exported for this run.")
     tried = {v.get("variant") for v in exp.get("variants") or [] if isinstance(v, dict)}

@@ -137,8 +137,9 @@ def test_predict_shows_where_it_looked_and_flags_an_unfamiliar_image(shapes, exp
     digit = Image.fromarray(other[0])
     _, info, table, looked = classify(predictor, [("shape", shape), ("digit", digit)], "explained.onnx")
     assert looked is not None and looked.shape == (SIZE, SIZE, 3)
-    assert table["fits a class?"].tolist() == ["yes", "⚠️ no: unlike the training images"]
+    assert table["fits a class?"].tolist() == ["yes", "⚠️ no"]
     assert UNFAMILIAR not in info  # the first image is a validation shape
+    assert "1 of the other 1 image(s) look unlike anything" in info  # the others are flagged above the table too
     _, info, _, _ = classify(predictor, [("digit", digit)], "explained.onnx")
     assert info.startswith(UNFAMILIAR)
     _, info, table, looked = classify(Predictor(explained[1], device="cpu"), [("shape", shape)], "plain.onnx")
@@ -178,9 +179,13 @@ def test_misclassified_images_carry_the_map_of_the_class_chosen(shapes):
 
 
 def test_the_report_says_what_fits_no_class_means(shapes):
-    titles = {title: message for title, _, message in summary.diagnostic_items(shapes[0].report)}
-    assert "of 24 validation images score above its threshold" in titles["Images that fit no class"]
-    assert "heat map" in titles["Where the model looked"]
+    items = {title: (flagged, message) for title, flagged, message in summary.diagnostic_items(shapes[0].report)}
+    above = shapes[0].report["diagnostics"]["unfamiliar"]["pretrained"]["val_above"]
+    assert items["Images that fit no class"] == (None, items["Images that fit no class"][1])  # an explanation
+    assert f"({above} of these 24 are)" in items["Images that fit no class"][1]
+    assert "heat maps" in items["Where the model looked"][1]
+    shown = summary.diagnostics_md(shapes[0].report)
+    assert "ℹ️ **Images that fit no class**" in shown and shown.rstrip().endswith("more varied pictures\\.")
 
 
 def test_metadata_with_a_score_output_needs_its_threshold():
