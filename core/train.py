@@ -738,8 +738,9 @@ def _selection_summary(selection: np.ndarray | None, cfg: TrainConfig, train: Pr
             "scored_on": scored}
 
 
-# A class centroid from 100 images is as good as from all of them (its direction moves by a few degrees at most), and
-# the pass over them costs the scratch arm seconds on a CPU.
+# Centroids from 100 of each class's images: on the 400 dev cat/dog photos (160 per class) they point 4.0 and 4.3
+# degrees away from those of all, validation scores move by 0.013 at most and the threshold from 0.581 to 0.586; the
+# scratch arm's pass over the images costs seconds on a CPU (5.4 s there, scripts/bench_checks.py).
 CENTROID_IMAGES = 100
 
 
