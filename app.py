@@ -741,7 +741,8 @@ def _predict_tab() -> dict[str, Any]:
                                    placeholder="After a prediction: which parts of the picture the answer rests on "
                                                "(models trained here; bright = counted most)")
             c["batch_df"] = gr.Dataframe(headers=["image", "prediction", "fits a class?", "probability", "top-k"],
-                                         label="All images", interactive=False, wrap=True, elem_id="predict-table")
+                                         label="All images", interactive=False, wrap=True, elem_id="predict-table",
+                                         column_widths=["26%", "18%", "14%", "14%", "28%"])
     return c
 
 
