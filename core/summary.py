@@ -347,9 +347,8 @@ def summary_text(report: dict) -> str:
 
 def misclassified_gallery(result: Any, classes: list[str], limit: int = 12) -> list[tuple[np.ndarray, str]]:
     """``(validation crop, "arm: true → predicted confidence")`` for each arm's ``limit`` most confident mistakes
-    (an arm at chance has dozens, which would bury the other's few). Where the
-    arm's network is at hand, the crop carries its class activation map for the class it chose (``models.explain``):
-    where it looked to get the answer wrong."""
+    (an arm at chance has dozens, which would bury the other's few). Where the arm's network is at hand, the crop
+    carries its class activation map for the class it chose (``models.explain``): where it looked to get it wrong."""
     from core.metrics import misclassified
     from core.runtime.images import heatmap_overlay
     from models import Classifier

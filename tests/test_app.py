@@ -345,7 +345,7 @@ def test_predict_offers_validation_examples_that_classify_on_click(trained):
     label, info, table, looked, shown = app.predict_example(state, "run:fp32", event)
     assert set(label) <= {"circle", "square", "triangle"} and len(table) == 1
     size = _run_report(trained)["image_size"]
-    assert looked.shape == (size, size, 3) and "pushed the model most towards" in info  # where it looked
+    assert looked.shape == (size, size, 3) and "pushed it most towards" in info  # where it looked
     clicked = Image.open(state["examples"][1])  # the clicked image fills the input box, re-encoded
     assert isinstance(shown, Image.Image) and shown.size == clicked.size and shown is not clicked
     assert info.startswith(f"True class: **{captions[1].removeprefix('true: ')}**")

@@ -68,6 +68,29 @@ def test_compare_writes_report_plots_models_and_verified_onnx(run_dir, capsys):
     assert report["artifacts"]["files"] == project_files
     assert {"model.onnx", "scratch.pt", "config.json"} <= set(project_files)
     assert (run_dir / "notes.txt").read_text() == NOTES["notes.txt"]
+    assert [o.name for o in session.get_outputs()] == ["logits", "probabilities"]  # no --explain: as before
+
+
+def test_export_explain_adds_the_maps_and_the_calibrated_score(run_dir, tmp_path, _session_cache):
+    import numpy as np
+
+    from core.runtime.predictor import Predictor
+    from export.__main__ import main as export_main
+    from export.runs import load_run_images
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(_session_cache))
+        assert export_main(["onnx", "--run", str(out), "--explain", "--no-variants"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["outputs"] == ["logits", "probabilities", "cam", "ood_score"]
+    predictor = Predictor(out / "model.onnx", device="cpu")
+    val, _ = load_run_images(out, report, ("val",))
+    scores = predictor.explain_arrays(val)["ood_score"]
+    threshold = predictor.info.ood_threshold  # taken on these validation images: the highest one or just under it
+    assert threshold == report["export"]["ood"]["threshold"] and scores.min() <= threshold <= scores.max() + 1e-6
+    assert (scores > threshold + 1e-6).sum() <= int(np.ceil(0.01 * len(scores)))
 
 
 def test_config_json_is_the_runs_config_and_round_trips(run_dir, rerun_dir):
