@@ -86,6 +86,7 @@ BENCH_REPEATS, BENCH_WARMUP = 10, 2  # median of interleaved runs; tests lower t
 SESSIONS = sessions.STORE
 PREDICTORS = SESSIONS.predictors
 UPLOADED_MODEL = sessions.UPLOADED_MODEL
+AUTO_MODEL = sessions.AUTO_MODEL
 DOWNLOADS = {name: "dl_onnx" if name == "fp32" else f"dl_{name}" for name in VARIANTS}  # variant -> output name
 
 INTRO = """
@@ -522,7 +523,11 @@ def _classify(state: dict, model_choice: str | None, path: Path, named: list[tup
     limit = UPLOAD_TIME_LIMIT_S if model_choice == UPLOADED_MODEL else None  # a stranger's model is stopped
     with _errors_shown_as("Prediction failed", state):
         predictor = PREDICTORS.get(path, inference_device(), time_limit=limit)
-        return classify(predictor, load_images(named, predictor), path.name)
+        label, info, table, looked = classify(predictor, load_images(named, predictor), path.name)
+    if model_choice in (None, AUTO_MODEL):  # say which variant "the fastest here" is, and why
+        reason = sessions.served_choice(path.parent).get("reason")
+        info += f"\n\n⚡ {text.md(str(reason))}" if reason else ""
+    return label, info, table, looked
 
 
 def predict_example(state: dict | None, model_choice: str | None, event: gr.SelectData) -> tuple:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from core import __version__
 from core.config import FIELDS, ConfigError, TrainConfig, read_config_file, rule
 from core.data import SPLITS, Dataset, load_dataset
-from core.runtime.devices import DEVICES
+from core.runtime.devices import DEVICES, VARIANT_CHOICES
 from core.runtime.errors import USER_ERRORS
 from core.samples import SAMPLES
 
@@ -310,14 +310,20 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=positive_int, default=3, help="labels per image (default 3)")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: CUDA provider when usable, else CPU")
+    p.add_argument("--variant", choices=VARIANT_CHOICES, default="auto",
+                   help="auto (default): time the model and the accepted variants beside it (model.int8.onnx...) on "
+                        "this machine and serve the fastest (the answer is cached); or force one")
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from core.runtime.fastest import choose_variant
     from core.runtime.images import ImageDecodeError, open_rgb
     from core.runtime.predictor import Predictor
 
-    predictor = Predictor(args.model, device=args.device)
+    choice = choose_variant(args.model, device=args.device, want=args.variant)
+    print(f"serving {choice.path.name}: {choice.reason}", file=sys.stderr)
+    predictor = Predictor(choice.path, device=args.device)
     if predictor.fallback_warning:
         print(f"warning: {predictor.fallback_warning}", file=sys.stderr)
     failed = 0
@@ -330,7 +336,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             continue
         result = predictor.predict([image], top_k=args.top_k)[0]
         print(json.dumps({"file": path, "label": result["label"], "probability": result["probability"],
-                          "top_k": result["top_k"], "provider": result["provider"]}))
+                          "top_k": result["top_k"], "provider": result["provider"], "variant": choice.variant}))
     return 1 if failed else 0
 
 

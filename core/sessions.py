@@ -20,6 +20,7 @@ Strangers share one disk, so the store keeps it in bounds:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -73,6 +74,7 @@ STALE_TEMP_AGE_S = 10 * 60  # a temp file or folder untouched this long belongs 
 HOUSEKEEPING_INTERVAL_S = 10 * 60
 SID_RE = re.compile(r"^[0-9a-f]{16}$")
 UPLOADED_MODEL = "upload"  # the model-choice key of a visitor's uploaded .onnx
+AUTO_MODEL = "run:auto"  # the run's variant timed fastest on this machine at export (report.json export.served)
 SHARED = "_shared"
 STORAGE_LIMIT = "Storage limit"
 _CLOSED = ".closed"
@@ -695,6 +697,8 @@ class SessionStore:
         choices = []
         if state.get("run_dir"):
             model = Path(state["run_dir"]) / model_filename("pretrained")
+            if model.is_file():
+                choices.append(("trained in this session: the fastest here (timed on this machine)", AUTO_MODEL))
             for name, variant in VARIANTS.items():
                 path = variant_path(model, name)
                 if path.is_file():
@@ -708,13 +712,13 @@ class SessionStore:
         from export.runs import model_filename
         from export.variants import VARIANTS, variant_path
 
-        choice = choice or "run:fp32"
+        choice = choice or AUTO_MODEL
         if choice == UPLOADED_MODEL:
             if not state.get("uploaded_model"):
                 raise SessionError("Upload an .onnx model first, or pick the model trained in this session.")
             return Path(state["uploaded_model"])
         variant = choice.removeprefix("run:")
-        if not choice.startswith("run:") or variant not in VARIANTS:
+        if not choice.startswith("run:") or variant not in (*VARIANTS, "auto"):
             raise SessionError(f"Unknown model choice {choice!r}.")
         if not state.get("run_dir"):
             raise SessionError("Train a model first (Train tab), or upload an .onnx exported earlier.",
@@ -723,10 +727,29 @@ class SessionStore:
         if not run_dir.is_dir():
             raise SessionError("This session's files were cleaned up after a long idle time; train again.",
                                title="Model gone")
+        if variant == "auto":
+            variant = served_variant(run_dir)
         path = variant_path(run_dir / model_filename("pretrained"), variant)
         if not path.is_file():
             raise SessionError(f"This run has no {path.name}; pick another model.")
         return path
+
+
+def served_choice(run_dir: Path) -> dict:
+    """What the export timed fastest here (``export.runs.serve_choice``: variant, reason); {} where none was."""
+    try:
+        served = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))["export"]["served"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return served if isinstance(served, dict) else {}
+
+
+def served_variant(run_dir: Path) -> str:
+    """The variant ``served_choice`` names; FP32 where none was recorded."""
+    from export.variants import VARIANTS
+
+    served = served_choice(run_dir).get("variant")
+    return served if served in VARIANTS else "fp32"
 
 
 def _zip_bytes(src: Path) -> int:

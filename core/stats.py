@@ -11,7 +11,8 @@
   is right carry information (b: A right and B wrong; c: the reverse). Exact two-sided binomial test when
   b + c < 25, else the chi-square test with continuity correction.
 
-numpy and the standard library only (``math.comb``, ``math.erfc``, ``statistics.NormalDist``).
+numpy and the standard library only (``math.comb``, ``math.erfc``); the two closed-form intervals live in
+``core.runtime.intervals`` (the export's variant check uses them too).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import asdict, dataclass
-from statistics import NormalDist
 
 import numpy as np
 
-CONFIDENCE = 0.95
+from core.runtime.intervals import CONFIDENCE, _z, wilson_interval
+
 N_BOOT = 1000
 ALPHA = 0.05  # McNemar: below this p-value the sentence calls the difference real
 EXACT_BELOW = 25  # McNemar: exact binomial test when fewer discordant pairs than this (the usual rule of thumb)
@@ -33,27 +34,6 @@ BOOTSTRAP_METRICS = ("val_accuracy", "balanced_accuracy", "precision_macro", "re
 HEADLINE = {"val_accuracy": "Wilson score", "balanced_accuracy": "stratified bootstrap",
             "precision_macro": "stratified bootstrap", "recall_macro": "stratified bootstrap",
             "f1_macro": "stratified bootstrap"}
-
-
-def _z(confidence: float) -> float:
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be between 0 and 1 (exclusive), got {confidence}; 0.95 is the usual.")
-    return NormalDist().inv_cdf(0.5 + confidence / 2)
-
-
-def wilson_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Wilson score interval for ``correct`` successes out of ``n``; ``(0.0, 1.0)`` when ``n`` is 0."""
-    if n < 0 or not 0 <= correct <= n:
-        raise ValueError(f"need 0 <= correct <= n, got correct={correct}, n={n}.")
-    z = _z(confidence)
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # At 0 or n successes one bound is exactly 0 or 1; rounding must not leave it a hair inside.
-    return (0.0 if correct == 0 else max(0.0, centre - half)), (1.0 if correct == n else min(1.0, centre + half))
 
 
 # ---------------------------------------------------------------- bootstrap

@@ -458,6 +458,9 @@ def export_summary(report: dict, run_dir: Path, *, clean: Callable[[str], str] =
                          "fits no class. The example below uses both.")
     else:
         lines.append("ℹ️ No ONNX model was exported for this run.")
+    served = exp.get("served")
+    if isinstance(served, dict) and served.get("reason") and downloads["fp32"]:
+        lines.append(f"⚡ Served here: {md(str(served['reason']))}. The Predict tab uses it; pick another there.")
     tried = {v.get("variant") for v in exp.get("variants") or [] if isinstance(v, dict)}
     for name, variant in VARIANTS.items():
         if variant.needs_cuda and name not in tried:

@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - Windows
 
 from core.runtime.devices import CPU, GPU_PROVIDERS, TENSORRT
 from core.runtime.predictor import Predictor, read_model_info
-from core.runtime.providers import default_threads, tensorrt_problem
+from core.runtime.providers import cpu_features, default_threads, tensorrt_problem
 from export.variants import OPTIONAL, VARIANTS, variant_path
 
 PAUSE_S = 0.2  # between engine blocks; see _time_rounds
@@ -34,8 +34,74 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt parameters, from glibc's malloc.h
+
+
+def _glibc_defaults(on: bool) -> None:
+    """Switch glibc malloc between its start-up settings (large blocks from mmap, freed memory trimmed: 128 KiB
+    thresholds, ``on``) and ``keep_freed_memory``'s (``on=False``), for the one engine timed with the default."""
+    mallopt = ctypes.CDLL(None).mallopt
+    if on:
+        mallopt(M_MMAP_MAX, 65536)
+        mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+        mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+    else:
+        mallopt(M_MMAP_MAX, 0)
+        mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
+def sgemm_peak(threads: int, *, n: int = 2048, seconds: float = 1.5) -> float:
+    """GFLOP/s of onnxruntime's own float32 matrix multiply (MLAS, the kernels its Conv and Gemm use) on an
+    ``n``x``n`` by ``n``x``n`` product with ``threads`` threads: the most a float32 model can hope for on these
+    cores. The best of the timed calls (a peak, not a typical rate)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "sgemm",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=[CPU])
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.standard_normal((n, n), np.float32), "b": rng.standard_normal((n, n), np.float32)}
+    session.run(None, feeds)
+    best, end = float("inf"), time.perf_counter() + seconds
+    for _ in range(50):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        best = min(best, time.perf_counter() - start)
+        if time.perf_counter() > end:
+            break
+    return 2 * n**3 / best / 1e9
+
+
+def _openvino_runner(model_path: Path, threads: int) -> tuple[Callable[[np.ndarray], object] | None, str | None]:
+    """OpenVINO on the CPU with the same model file and threads, float32 throughout (no bf16/fp16 hint), or why
+    not: it is an optional extra (``pip install openvino``), not in requirements.txt."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None, "not installed (pip install openvino to add it)"
+    try:
+        compiled = ov.Core().compile_model(str(model_path), "CPU", {
+            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
+        request = compiled.create_infer_request()
+        output = next(o for o in compiled.outputs if "probabilities" in o.get_names())
+    except Exception as exc:  # noqa: BLE001 - an optional peer: its failure is a row's note, never the benchmark's
+        return None, f"could not compile the model: {type(exc).__name__}: {exc}"
+
+    def run(batch: np.ndarray) -> object:
+        return request.infer([batch])[output]
+
+    return run, None
 
 
 def _cpu_usage() -> tuple[float, float, int]:
@@ -86,9 +152,12 @@ def _ratio(samples: dict[str, list[list[float]]], slow: str, fast: str) -> dict[
 
 
 # One onnxruntime engine per model variant (export.variants): onnx_fp32, onnx_int8, onnx_fp16.
-ENGINES = ("torch", "torch_nchw", *(f"onnx_{name}" for name in VARIANTS), "onnx_tensorrt")
+ENGINES = ("torch", "torch_glibc", "torch_nchw", *(f"onnx_{name}" for name in VARIANTS), "openvino_fp32",
+           "onnx_tensorrt")
 RATIOS = (  # name, slower engine, faster engine
     ("onnx_fp32_vs_torch", "torch", "onnx_fp32"),
+    ("onnx_fp32_vs_torch_glibc", "torch_glibc", "onnx_fp32"),
+    ("onnx_fp32_vs_openvino", "openvino_fp32", "onnx_fp32"),
     ("onnx_fp32_vs_torch_nchw", "torch_nchw", "onnx_fp32"),
     *((f"onnx_{name}_vs_fp32", "onnx_fp32", f"onnx_{name}") for name in OPTIONAL),
     *((f"onnx_{name}_vs_torch", "torch", f"onnx_{name}") for name in OPTIONAL),
@@ -161,12 +230,28 @@ def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] 
     torch_device = "cuda" if fp32.provider in GPU_PROVIDERS else "cpu"  # torch where onnxruntime runs
     if torch_model is not None:
         engines["torch"], engines["torch_nchw"], restore = _torch_runner(torch_model, threads, torch_device)
+        if tuned and torch_device == "cpu":  # the same calls with glibc's start-up settings, as a second row
+            torch_run = engines["torch"]
+
+            def torch_glibc(batch: np.ndarray) -> object:
+                _glibc_defaults(True)
+                try:
+                    return torch_run(batch)
+                finally:
+                    _glibc_defaults(False)
+
+            engines["torch_glibc"] = torch_glibc
     engines["onnx_fp32"] = fp32.predict_arrays
     for name in OPTIONAL:  # the variants built beside the model; GPU-only ones only where the model runs on a GPU
         path = variant_path(model_path, name)
         if path.exists() and (fp32.provider != CPU or not VARIANTS[name].needs_cuda):
             engines[f"onnx_{name}"] = Predictor(path, device=device, intra_op_threads=threads,
                                                 spin=True).predict_arrays
+    openvino_note = None
+    if fp32.provider == CPU:
+        engines["openvino_fp32"], openvino_note = _openvino_runner(model_path, threads)
+        if engines["openvino_fp32"] is None:
+            del engines["openvino_fp32"]
     trt_note = None
     if tensorrt:
         trt = Predictor(model_path, device=device, intra_op_threads=threads, spin=True, tensorrt=True)
@@ -187,6 +272,17 @@ def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] 
         results["torch_device"] = torch_device
     if trt_note:
         results["tensorrt_skipped"] = trt_note
+    if openvino_note:
+        results["openvino_skipped"] = openvino_note
+    flops = info.flops
+    if flops is None:  # a model exported before the count was written into its metadata
+        from export.flops import count_flops
+
+        flops = count_flops(model_path)
+    results["flops_per_image"] = flops
+    if fp32.provider == CPU:
+        results["sgemm_gflops"] = sgemm_peak(threads)
+        results["cpu"] = cpu_features().describe()
     try:
         for batch_size in batch_sizes:
             batch = rng.integers(0, 256, (batch_size, info.image_size, info.image_size, 3), dtype=np.uint8)
@@ -196,7 +292,10 @@ def benchmark(model_path: str | os.PathLike[str], *, batch_sizes: Sequence[int] 
             row: dict[str, Any] = {}
             for name, times in samples.items():
                 ms = statistics.median(sum(times, []))
-                row[name] = {"ms": ms, "images_per_s": batch_size * 1000.0 / ms, **stats[name]}
+                gflops = flops * batch_size / ms / 1e6
+                row[name] = {"ms": ms, "images_per_s": batch_size * 1000.0 / ms, "gflops": gflops,
+                             **({"of_peak": gflops / results["sgemm_gflops"]} if "sgemm_gflops" in results else {}),
+                             **stats[name]}
             ratios = {name: _ratio(samples, slow, fast) for name, slow, fast in RATIOS
                       if slow in samples and fast in samples}
             row["ratios"] = {name: value["ratio"] for name, value in ratios.items()}
@@ -228,30 +327,65 @@ def allocator_note(results: dict[str, Any]) -> str | None:
             "torch baseline.")
 
 
+PEER_TITLES = {"torch": "PyTorch", "torch_glibc": "PyTorch with glibc's default allocator",
+               "openvino_fp32": "OpenVINO"}
+
+
+def headline(results: dict[str, Any]) -> str | None:
+    """The benchmark in one plain sentence, at its largest batch: "onnxruntime FP32 runs at 80% of what this CPU can
+    do (SGEMM 66.6 GFLOP/s on 2 threads); 2.0x PyTorch, 1.1x OpenVINO"."""
+    if not results.get("batches"):
+        return None
+    batch_size = max(results["batches"], key=int)
+    row = results["batches"][batch_size]
+    fp32 = row.get("onnx_fp32")
+    if not fp32:
+        return None
+    if "of_peak" in fp32:
+        text = (f"onnxruntime FP32 runs at {fp32['of_peak']:.0%} of what this CPU can do at batch {batch_size} "
+                f"({fp32['gflops']:.1f} GFLOP/s against a measured SGEMM peak of {results['sgemm_gflops']:.1f} "
+                f"on {results['threads']} threads)")
+    else:
+        text = f"onnxruntime FP32 runs at {fp32['gflops']:.1f} GFLOP/s at batch {batch_size}"
+    peers = [f"{row[name]['ms'] / fp32['ms']:.1f}x {title}" for name, title in PEER_TITLES.items() if name in row]
+    return text + ("; " + ", ".join(peers) if peers else "")
+
+
 def format_table(results: dict[str, Any]) -> str:
     lines = [f"{results['model']}  size {results['image_size']}  threads {results['threads']}  "
              f"onnxruntime on {results['provider']}  (median of {results['repeats']})",
-             f"{'batch':>5}  {'engine':<11} {'ms':>9} {'images/s':>10} {'kernel %':>9} {'faults/call':>12}"]
+             f"{'batch':>5}  {'engine':<13} {'ms':>9} {'images/s':>10} {'GFLOP/s':>8} {'of peak':>8} {'kernel %':>9} "
+             f"{'faults/call':>12}"]
+    if results.get("cpu"):
+        lines.insert(1, f"CPU: {results['cpu']}; {results['flops_per_image'] / 1e9:.3f} GFLOP per image; "
+                        f"SGEMM peak {results['sgemm_gflops']:.1f} GFLOP/s (onnxruntime MatMul 2048, same threads)")
     if results.get("torch_skipped"):
         lines.insert(1, f"torch eager skipped: {results['torch_skipped']}")
     elif results.get("torch_device", "cpu") != "cpu":
         lines.insert(1, f"torch eager on {results['torch_device']}")
+    if results.get("openvino_skipped"):
+        lines.insert(1, f"OpenVINO: {results['openvino_skipped']}")
     if results.get("tensorrt_skipped"):
         lines.insert(1, f"TensorRT skipped: {results['tensorrt_skipped']}")
     if results.get("malloc_env") or results.get("tuned_malloc"):
         settings = [f"{k}={v}" for k, v in results.get("malloc_env", {}).items()]
-        settings += ["mallopt: no mmap, no trim"] if results.get("tuned_malloc") else []
+        settings += ["mallopt: no mmap, no trim (torch_glibc: glibc's start-up settings)"] \
+            if results.get("tuned_malloc") else []
         lines.insert(1, "allocator settings: " + " ".join(settings))
     for batch_size, row in results["batches"].items():
         for name in ENGINES:
             if name in row:
                 e = row[name]
-                lines.append(f"{batch_size:>5}  {name:<11} {e['ms']:>9.2f} {e['images_per_s']:>10.1f} "
-                             f"{e['kernel_share']:>9.0%} {e['page_faults_per_call']:>12.0f}")
+                peak = f"{e['of_peak']:>8.0%}" if "of_peak" in e else f"{'-':>8}"
+                lines.append(f"{batch_size:>5}  {name:<13} {e['ms']:>9.2f} {e['images_per_s']:>10.1f} "
+                             f"{e['gflops']:>8.1f} {peak} {e['kernel_share']:>9.0%} {e['page_faults_per_call']:>12.0f}")
         for name, ratio in row["ratios"].items():
             low, high = row["ratio_ranges"][name]
             lines.append(f"{batch_size:>5}  {name} = {ratio:.2f}x  (per round {low:.2f}-{high:.2f}x)")
     note = allocator_note(results)
     if note:
         lines.append("note: " + note)
+    line = headline(results)
+    if line:
+        lines.append(line)
     return "\n".join(lines)

@@ -31,6 +31,7 @@ from core.runtime.files import atomic_write, cache_dir
 from core.runtime.images import check_batch
 from core.runtime.predictor import read_model_info
 from export.errors import ExportError, ParityError
+from export.flops import count_flops
 from export.verify import check_explain_parity, check_parity, compare_outputs, cpu_session, run_onnx, torch_outputs
 from models.explain import ExplainedClassifier, OodCalibration
 from models.preprocess import ImageClassifier, ImagePreprocess
@@ -56,6 +57,7 @@ def _export_proto(module: nn.Module, image_size: int, output_names: list[str], o
 
 
 def _save_and_check(proto: onnx.ModelProto, meta: dict[str, str], path: Path) -> None:
+    meta["flops"] = str(count_flops(proto))  # per image, for the benchmark's GFLOP/s (export.flops)
     set_metadata(proto, meta)
     proto.producer_name = "transfer-lab"
     proto.producer_version = meta["project_version"]

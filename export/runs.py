@@ -77,7 +77,10 @@ def export_run(run_dir: str | os.PathLike[str], classifier: models.Classifier, *
     for record in built:
         if record["path"]:
             record["path"] = os.path.relpath(record["path"], run_dir)
+    served = None
     if training_mode == "pretrained":
+        step(0.85, "export: timing the accepted variants on this machine")
+        served = serve_choice(path, run_dir)
         step(0.9, "export: packing the Triton model repository")
     return {
         "training_mode": training_mode,
@@ -92,8 +95,24 @@ def export_run(run_dir: str | os.PathLike[str], classifier: models.Classifier, *
         **({"ood": explain.summary()} if explain is not None else {}),
         "tolerance": tolerance,
         "variants": built,
+        **({"served": served} if served is not None else {}),
         **({"triton": write_triton(path, run_dir)} if training_mode == "pretrained" else {}),
     }
+
+
+def serve_choice(model_path: Path, run_dir: Path) -> dict[str, Any]:
+    """Which variant this machine serves the model with (``core.runtime.fastest``: timed here, kept in the cache
+    for the app's Predict tab and ``python -m core predict``), with the reason in words. Never fatal."""
+    from core.runtime.fastest import choose_variant
+
+    try:
+        choice = choose_variant(model_path).to_dict()
+    except Exception as exc:  # noqa: BLE001 - the FP32 model is still there and served
+        log.warning("timing the variants failed", exc_info=True)
+        return {"variant": "fp32", "path": model_path.name, "reason": f"FP32: the variants could not be timed "
+                f"({type(exc).__name__})", "speedups": {}}
+    choice["path"] = os.path.relpath(choice["path"], run_dir)
+    return choice
 
 
 def write_triton(model_path: Path, run_dir: Path) -> dict[str, str | None]:

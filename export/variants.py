@@ -8,6 +8,7 @@ images is within ``tolerance`` of the FP32 model's; a rejected one is deleted an
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -111,13 +112,40 @@ def default_variants() -> tuple[str, ...]:
 def evaluate_onnx(path: str | os.PathLike[str], images: np.ndarray, labels: Sequence[int] | np.ndarray, *,
                   device: str = "cpu") -> float:
     """Top-1 accuracy of an exported classifier on prepared uint8 images ``[N, S, S, 3]`` and integer labels."""
-    from core.runtime.predictor import Predictor
 
     labels = np.asarray(labels)
     if len(labels) != len(images):
         raise ValueError(f"got {len(images)} images but {len(labels)} labels; pass one label per image.")
-    probabilities = Predictor(path, device=device).predict_arrays(images)
-    return float(np.mean(probabilities.argmax(1) == labels))
+    return float(np.mean(top1(path, images, device=device) == labels))
+
+
+def top1(path: str | os.PathLike[str], images: np.ndarray, *, device: str = "cpu") -> np.ndarray:
+    """The class index an exported classifier picks for each prepared uint8 image."""
+    from core.runtime.predictor import Predictor
+
+    return Predictor(path, device=device).predict_arrays(images).argmax(1)
+
+
+def accuracy_check(baseline: np.ndarray, variant: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """A variant's answers against the FP32 model's on the same validation images: the accuracy drop (with
+    Newcombe's paired 95% interval) and the top-1 agreement (with its Wilson 95% interval)."""
+    from core.runtime.intervals import paired_difference_interval, wilson_interval
+
+    right_fp32, right = baseline == labels, variant == labels
+    agree = int((baseline == variant).sum())
+    return {"images": len(labels), "accuracy": float(right.mean()), "baseline_accuracy": float(right_fp32.mean()),
+            "accuracy_drop": float(right_fp32.mean() - right.mean()),
+            "drop_interval": list(paired_difference_interval(right_fp32, right)),
+            "agreement": agree / len(labels), "agreement_interval": list(wilson_interval(agree, len(labels)))}
+
+
+def _record_check(path: Path, check: dict[str, Any]) -> None:
+    """Write the accuracy check into the variant file's metadata ('check'), where a server reads it back."""
+    from core.runtime.contract import set_metadata
+
+    model = onnx.load(str(path))
+    set_metadata(model, {"check": json.dumps(check)})
+    onnx.save_model(model, str(path))
 
 
 def _build(variant: Variant, src: Path, tmp: Path, calib_images: np.ndarray | None) -> None:
@@ -130,9 +158,10 @@ def build_variants(fp32_path: str | os.PathLike[str], calib_images: np.ndarray |
                    variants: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Build each optional variant beside ``fp32_path`` and keep it only if accuracy drops by at most ``tolerance``.
 
-    Returns one {"variant", "path", "accuracy", "baseline_accuracy", "accuracy_drop", "accepted", "reason"}
-    per variant. ``tolerance`` is a fraction (0.01 = one percentage point). Rejected variants (and stale
-    files of the same name from an earlier export) are deleted; their ``path`` is None.
+    Returns one {"variant", "path", "accuracy", "baseline_accuracy", "accuracy_drop", "accepted", "reason", "check"}
+    per variant (``check``: ``accuracy_check``, also written into the variant's metadata). ``tolerance`` is a
+    fraction (0.01 = one percentage point). Rejected variants (and stale files of the same name from an earlier
+    export) are deleted; their ``path`` is None.
     """
     src = Path(fp32_path)
     read_model_info(src)
@@ -142,7 +171,10 @@ def build_variants(fp32_path: str | os.PathLike[str], calib_images: np.ndarray |
             raise ValueError(f"{name!r} is the export itself, not a variant to build; pick from {list(OPTIONAL)}.")
     val_labels = np.asarray(val_labels)
     have_val = val_images is not None and len(val_images) > 0
-    baseline = evaluate_onnx(src, val_images, val_labels) if have_val else None
+    if have_val and len(val_labels) != len(val_images):
+        raise ValueError(f"got {len(val_images)} images but {len(val_labels)} labels; pass one label per image.")
+    baseline_top1 = top1(src, val_images) if have_val else None
+    baseline = float(np.mean(baseline_top1 == val_labels)) if have_val else None
     on_cuda = cuda_usable() if any(CUDA in VARIANTS[n].check_providers for n in names) else False
     results = []
     for name in names:
@@ -156,7 +188,8 @@ def build_variants(fp32_path: str | os.PathLike[str], calib_images: np.ndarray |
                 raise ValueError("no validation images to measure the accuracy drop on")
             _build(variant, src, tmp, calib_images)
             device = "cuda" if on_cuda and CUDA in variant.check_providers else "cpu"
-            accuracy = evaluate_onnx(tmp, val_images, val_labels, device=device)
+            check = accuracy_check(baseline_top1, top1(tmp, val_images, device=device), val_labels)
+            _record_check(tmp, check)
         except Exception as exc:  # a variant that cannot be built or run is rejected, never fatal
             tmp.unlink(missing_ok=True)
             target.unlink(missing_ok=True)
@@ -164,10 +197,12 @@ def build_variants(fp32_path: str | os.PathLike[str], calib_images: np.ndarray |
             log.warning("%s variant rejected: %s", name, exc)
             results.append(record)
             continue
-        drop = baseline - accuracy
-        record.update(accuracy=accuracy, accuracy_drop=drop)
+        accuracy, drop = check["accuracy"], check["accuracy_drop"]
+        low, high = check["drop_interval"]
+        record.update(accuracy=accuracy, accuracy_drop=drop, check=check)
         summary = (f"accuracy {accuracy:.4f} vs FP32 {baseline:.4f} on {len(val_labels)} validation images: "
-                   f"drop {drop * 100:.2f} points")
+                   f"drop {drop * 100:.2f} points (95% interval {low * 100:+.1f} to {high * 100:+.1f}), "
+                   f"same answer as FP32 on {check['agreement']:.1%}")
         if drop <= tolerance + 1e-9:
             os.replace(tmp, target)
             record.update(path=str(target), accepted=True, reason=f"{summary} <= {tolerance * 100:.2f} allowed")

@@ -282,7 +282,7 @@ def test_training_streams_progress_and_fills_every_result(trained):
     assert image.shape == (32, 32, 3) and "→" in caption
     assert final["dl_onnx"]["visible"] and Path(final["dl_onnx"]["value"]).name == "model.onnx"
     assert final["dl_report"]["visible"]
-    assert final["model_choice"]["value"] == "run:fp32"
+    assert final["model_choice"]["value"] == "run:auto"  # the variant timed fastest here
     assert final["train_btn"]["interactive"] and not final["cancel_btn"]["interactive"]
     # every file offered for download lives inside this session's folder
     folder = app.SESSIONS.folder(final["state"])
@@ -505,7 +505,7 @@ def test_predict_returns_a_label_dict_with_provider_and_latency(trained):
     files = [str(_val_image(trained, c)) for c in ("circle", "square", "triangle")]
     accepted = [v["variant"] for v in _run_report(trained)["export"]["variants"] if v["accepted"]]
     offered = [key for _, key in trained["final"]["model_choice"]["choices"]]
-    assert offered == ["run:fp32", *(f"run:{v}" for v in accepted)]
+    assert offered == ["run:auto", "run:fp32", *(f"run:{v}" for v in accepted)]
     for choice in offered:
         label, info, table, _looked = app.predict(state, choice, None, files)
         assert len(table) == 3 and set(table["prediction"]) <= {"circle", "square", "triangle"}

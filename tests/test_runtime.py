@@ -85,3 +85,16 @@ def test_predictor_classifies_a_file_without_torch(exported_model, tmp_path):
     assert [t["label"] for t in result["top_k"]] == [t["label"] for t in expected["top_k"]]
     assert [t["probability"] for t in result["top_k"]] == pytest.approx(
         [t["probability"] for t in expected["top_k"]], abs=1e-6)
+
+
+def test_cpu_features_name_the_int8_instruction_sets():
+    from core.runtime.providers import cpu_features
+
+    avx2 = cpu_features("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx fma avx2 f16c\n"
+                        "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx fma avx2 f16c\n")
+    assert avx2.flags == ("avx2", "fma") and not avx2.int8_dot and avx2.known
+    assert avx2.describe() == "AMD EPYC: avx2, fma (no VNNI/AMX: INT8 has no dot-product instruction here)"
+    vnni = cpu_features("model name\t: Intel Xeon\nflags\t\t: avx2 fma avx512f avx512_vnni amx_int8\n")
+    assert vnni.int8_dot and vnni.describe() == "Intel Xeon: avx2, fma, avx512f, avx512_vnni, amx_int8"
+    unknown = cpu_features("processor\t: 0\n")  # no flags line (another platform's text)
+    assert not unknown.known and "unknown" in unknown.describe()

@@ -14,6 +14,7 @@ from scipy.stats import binomtest, chi2
 from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_support
 
 from core import stats
+from core.runtime.intervals import paired_difference_interval
 from core.metrics import verdict
 from core.report import write_run
 from core.summary import ARM_TITLES, results_table, speedup_text, summary_text, verdicts_md
@@ -322,3 +323,42 @@ def test_paired_test_sentence_under_the_table_and_in_the_terminal(tiny_result): 
     one_arm = {**report, "runs": {"pretrained": report["runs"]["pretrained"]}, "comparison": None}
     assert "McNemar" not in speedup_text(one_arm) and "McNemar" not in summary_text(one_arm)
     assert re.search(r"\d+ images? where scratch is wrong|exactly the same images", comp["sentence"])
+
+
+# ---------------------------------------------------------------- paired difference (core.runtime.intervals)
+
+def _paired(both: int, only_a: int, only_b: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
+    a = np.r_[np.ones(both + only_a), np.zeros(only_b + neither)].astype(bool)
+    b = np.r_[np.ones(both), np.zeros(only_a), np.ones(only_b), np.zeros(neither)].astype(bool)
+    return a, b
+
+
+def test_paired_difference_interval_holds_the_difference_and_mirrors():
+    a, b = _paired(150, 9, 3, 38)
+    low, high = paired_difference_interval(a, b)
+    assert low < (9 - 3) / 200 < high
+    assert paired_difference_interval(b, a) == pytest.approx((-high, -low))
+    with pytest.raises(ValueError, match="same images"):
+        paired_difference_interval(a, b[:-1])
+
+
+def test_paired_difference_interval_is_narrower_when_the_answers_agree():
+    """The same two accuracies (80% vs 75%) are far more certainly apart when the models differ on 10 images than
+    when they differ on 90: pairing is the point of the paired interval."""
+    close = paired_difference_interval(*_paired(150, 10, 0, 40))
+    loose = paired_difference_interval(*_paired(110, 50, 40, 0))
+    assert close[1] - close[0] < (loose[1] - loose[0]) / 2
+    # 10 images one way and none back is a real difference (McNemar p = 0.002); 50 against 40 is not (p = 0.34)
+    assert close[0] > 0 > loose[0]
+
+
+def test_paired_difference_interval_covers_the_true_difference_about_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    # per image: both right 0.80, only A 0.04, only B 0.02, neither 0.14 -> true difference 0.02
+    probabilities, truth, n, hits = [0.80, 0.04, 0.02, 0.14], 0.02, 150, 0
+    trials = 400
+    for _ in range(trials):
+        counts = rng.multinomial(n, probabilities)
+        low, high = paired_difference_interval(*_paired(*counts))
+        hits += low <= truth <= high
+    assert 0.92 <= hits / trials <= 0.99

@@ -65,6 +65,8 @@ class ModelInfo:
     feature_dim: int | None = None
     outputs: tuple[str, ...] = OUTPUT_NAMES  # the classifier's outputs; EXPLAIN_OUTPUTS too when exported with them
     ood_threshold: float | None = None
+    flops: int | None = None  # per image (export.flops); None in files exported before it was recorded
+    check: dict[str, Any] = field(default_factory=dict)  # a variant's accuracy check against FP32 (export.variants)
 
     @property
     def num_classes(self) -> int:
@@ -137,6 +139,11 @@ def parse_metadata(meta: Mapping[str, str], path: str | os.PathLike[str]) -> Mod
     except (ValueError, RecursionError):
         metrics = {}
     feature_dim = int(meta["feature_dim"]) if meta.get("feature_dim", "").isdigit() else None
+    flops = int(meta["flops"]) if meta.get("flops", "").isdigit() else None
+    try:
+        check = json.loads(meta.get("check") or "{}")
+    except (ValueError, RecursionError):
+        check = {}
     outputs, ood_threshold = OUTPUT_NAMES, None
     if kind == "classifier" and "outputs" in meta:
         try:
@@ -172,6 +179,8 @@ def parse_metadata(meta: Mapping[str, str], path: str | os.PathLike[str]) -> Mod
         feature_dim=feature_dim,
         outputs=outputs,
         ood_threshold=ood_threshold,
+        flops=flops,
+        check=check if isinstance(check, dict) else {},
     )
 
 

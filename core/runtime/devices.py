@@ -9,3 +9,6 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 GPU_PROVIDERS = (TENSORRT, CUDA)
+
+# Which model file to serve: "auto" (the fastest accepted variant here, core.runtime.fastest) or one by name.
+VARIANT_CHOICES = ("auto", "fp32", "int8", "fp16")

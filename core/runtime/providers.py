@@ -9,6 +9,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
@@ -119,6 +120,54 @@ def default_threads() -> int:
     except OSError:
         physical = logical
     return max(1, min(physical, MAX_DEFAULT_THREADS))
+
+
+# The instruction sets that decide how fast (and, for AVX2's u8*s8 pair sums, how exactly) INT8 runs on a CPU,
+# as /proc/cpuinfo names them, in the order they are reported.
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # one instruction per 4 u8*s8 products, int32 sums
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    model: str  # "" where the platform does not say
+    flags: tuple[str, ...]  # those of SIMD_FLAGS this CPU has; empty where unknown
+    known: bool  # False where the flags could not be read (not Linux)
+
+    @property
+    def int8_dot(self) -> bool:
+        """Has an INT8 dot-product instruction (VNNI or AMX): where INT8 convolutions are markedly faster."""
+        return any(f in self.flags for f in INT8_DOT_FLAGS)
+
+    def describe(self) -> str:
+        """"AMD EPYC: avx2, fma (no VNNI/AMX: INT8 has no dot-product instruction here)"."""
+        if not self.known:
+            return f"{self.model or 'CPU'}: instruction sets unknown on this platform"
+        dot = "" if self.int8_dot else " (no VNNI/AMX: INT8 has no dot-product instruction here)"
+        return f"{self.model or 'CPU'}: {', '.join(self.flags) or 'no AVX2'}{dot}"
+
+
+def cpu_features(cpuinfo: str | None = None) -> CpuFeatures:
+    """This CPU's model name and SIMD flags, from ``/proc/cpuinfo`` (or the given text)."""
+    if cpuinfo is None:
+        try:
+            with open(CPUINFO, encoding="utf-8") as f:
+                cpuinfo = f.read()
+        except OSError:
+            import platform
+
+            return CpuFeatures(platform.processor(), (), False)
+    model, flags = "", None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key == "flags" and flags is None:
+            flags = set(value.split())
+    if flags is None:
+        return CpuFeatures(model, (), False)
+    return CpuFeatures(model, tuple(f for f in SIMD_FLAGS if f in flags), True)
 
 
 def _provider_options(name: str) -> str | tuple[str, dict]:

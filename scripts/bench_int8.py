@@ -1,0 +1,118 @@
+"""Which INT8 recipe keeps a model's accuracy: each lever of ``export.quantize.Int8Recipe`` tried on trained runs.
+
+For each run folder (``python -m core train --mode pretrained --data SRC --out RUN``) the FP32 ``model.onnx`` is
+quantized with every recipe in ``RECIPES``, on the run's own training images, and scored on its validation images
+on this machine's CPU: accuracy drop against FP32 (Newcombe's paired 95% interval), top-1 agreement with FP32
+(Wilson 95% interval) and the time the recipe took to build. INT8 accuracy depends on the CPU's kernels (u8*s8
+pair sums overflow int16 on AVX2 without VNNI), so the table says which instruction sets this CPU has.
+
+    python -m core train --mode pretrained --data ../shared/dev-photos/cats-vs-dogs --out /tmp/q/cats
+    python scripts/bench_int8.py /tmp/q/cats /tmp/q/textures /tmp/q/shapes [--recipes base,all,...] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.runtime.predictor import Predictor  # noqa: E402
+from core.runtime.providers import cpu_features  # noqa: E402
+from core.runtime.intervals import paired_difference_interval, wilson_interval  # noqa: E402
+from export.quantize import DEFAULT_RECIPE, Int8Recipe, quantize_int8  # noqa: E402
+from export.runs import load_run_classifier, load_run_images  # noqa: E402
+
+BASE = Int8Recipe(max_images=64, weight_type="QInt8")  # the recipe before this study (u8 activations, s8 weights)
+RECIPES: dict[str, Int8Recipe] = {
+    "base": BASE,
+    "all": replace(BASE, max_images=None),
+    "all+flip": replace(BASE, max_images=None, flips=True),
+    "entropy": replace(BASE, method="Entropy"),
+    "percentile": replace(BASE, method="Percentile"),
+    "reduce": replace(BASE, reduce_range=True),
+    "u8u8": replace(BASE, weight_type="QUInt8"),
+    "s8s8": replace(BASE, activation_type="QInt8"),
+    "conv0": replace(BASE, first_conv_float=True),
+    "refit": replace(BASE, head_refit=True),
+    "refit+all+flip": replace(BASE, max_images=None, flips=True, head_refit=True),
+    "reduce+conv0": replace(BASE, reduce_range=True, first_conv_float=True),
+    "u8u8+conv0": replace(BASE, weight_type="QUInt8", first_conv_float=True),
+    "reduce+all+flip": replace(BASE, reduce_range=True, max_images=None, flips=True),
+    "reduce+percentile": replace(BASE, reduce_range=True, method="Percentile"),
+    "reduce+refit": replace(BASE, reduce_range=True, head_refit=True),
+    "reduce+dw": replace(BASE, reduce_range=True, depthwise_float=True),
+    "reduce+conv0+all+flip": replace(BASE, reduce_range=True, first_conv_float=True, max_images=None, flips=True),
+    "u8u8+last": replace(BASE, weight_type="QUInt8", last_conv_float=True),
+    "reduce+last": replace(BASE, reduce_range=True, last_conv_float=True),
+    "u8u8+conv0+last": replace(BASE, weight_type="QUInt8", first_conv_float=True, last_conv_float=True),
+    "last": replace(BASE, last_conv_float=True),
+    "u8u8+all": replace(BASE, weight_type="QUInt8", max_images=None),
+    "u8u8+all+flip": replace(BASE, weight_type="QUInt8", max_images=None, flips=True),
+    "u8u8+percentile": replace(BASE, weight_type="QUInt8", method="Percentile"),
+    "u8u8+refit": replace(BASE, weight_type="QUInt8", head_refit=True),
+    "default": DEFAULT_RECIPE,
+}
+
+
+def score(run: Path, names: list[str], mirrors: bool) -> list[dict]:
+    _, report = load_run_classifier(run, "pretrained")
+    train, _ = load_run_images(run, report, ("train",))
+    val, labels = load_run_images(run, report, ("val",))
+    if mirrors:  # the mirror images too: twice the held-out inputs (not independent, but not seen in calibration)
+        val, labels = np.concatenate([val, val[:, :, ::-1]]), np.concatenate([labels, labels])
+    fp32_p = Predictor(run / "model.onnx", device="cpu").predict_arrays(val)
+    fp32 = fp32_p.argmax(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            recipe = RECIPES[name]
+            out = Path(tmp) / f"{name}.onnx"
+            start = time.perf_counter()
+            quantize_int8(run / "model.onnx", out, train, recipe=recipe)
+            seconds = time.perf_counter() - start
+            int8_p = Predictor(out, device="cpu").predict_arrays(val)
+            int8 = int8_p.argmax(1)
+            # how far the probability of FP32's answer moved: a finer measure than agreement on few images
+            moved = float(np.abs(int8_p[np.arange(len(val)), fp32] - fp32_p[np.arange(len(val)), fp32]).mean())
+            agree = int((int8 == fp32).sum())
+            low, high = paired_difference_interval(fp32 == labels, int8 == labels)
+            a_low, a_high = wilson_interval(agree, len(val))
+            rows.append({"run": run.name, "recipe": name, "describe": recipe.describe(), "n": len(val),
+                         "fp32": float(np.mean(fp32 == labels)), "int8": float(np.mean(int8 == labels)),
+                         "drop": float(np.mean(fp32 == labels) - np.mean(int8 == labels)), "drop_ci": [low, high],
+                         "agreement": agree / len(val), "agreement_ci": [a_low, a_high], "build_s": seconds, "dp": moved,
+                         "recipe_fields": asdict(recipe)})
+            r = rows[-1]
+            print(f"{r['run']:<10} {name:<16} n={r['n']:<4} FP32 {r['fp32']:.3f}  INT8 {r['int8']:.3f}  "
+                  f"drop {r['drop'] * 100:+5.2f} pt [{low * 100:+.1f}, {high * 100:+.1f}]  "
+                  f"agree {r['agreement']:.1%} [{a_low:.1%}, {a_high:.1%}]  |dp| {moved:.3f}  build {seconds:4.1f} s", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders with a pretrained model.onnx")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {list(RECIPES)}")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--mirrors", action="store_true", help="also score the validation images' mirrors")
+    args = parser.parse_args()
+    names = [n for n in args.recipes.split(",") if n]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; pick from {list(RECIPES)}")
+    print("CPU:", cpu_features().describe())
+    rows = [row for run in args.runs for row in score(run, names, args.mirrors)]
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": asdict(cpu_features()), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
