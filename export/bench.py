@@ -358,7 +358,8 @@ def format_table(results: dict[str, Any]) -> str:
              f"{'faults/call':>12}"]
     if results.get("cpu"):
         lines.insert(1, f"CPU: {results['cpu']}; {results['flops_per_image'] / 1e9:.3f} GFLOP per image; "
-                        f"SGEMM peak {results['sgemm_gflops']:.1f} GFLOP/s (onnxruntime MatMul 2048, same threads)")
+                        f"SGEMM peak {results['sgemm_gflops']:.1f} GFLOP/s (onnxruntime MatMul 2048, same threads; "
+                        "'of peak' is of this float32 rate, which INT8 can pass)")
     if results.get("torch_skipped"):
         lines.insert(1, f"torch eager skipped: {results['torch_skipped']}")
     elif results.get("torch_device", "cpu") != "cpu":

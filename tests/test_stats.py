@@ -14,9 +14,9 @@ from scipy.stats import binomtest, chi2
 from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_support
 
 from core import stats
-from core.runtime.intervals import paired_difference_interval
 from core.metrics import verdict
 from core.report import write_run
+from core.runtime.intervals import paired_difference_interval
 from core.summary import ARM_TITLES, results_table, speedup_text, summary_text, verdicts_md
 from tests.test_train import tiny_result  # noqa: F401 - the module's small two-arm run, reused as a fixture
 
