@@ -341,6 +341,8 @@ def headline(results: dict[str, Any]) -> str | None:
     fp32 = row.get("onnx_fp32")
     if not fp32:
         return None
+    if "gflops" not in fp32:
+        return None
     if "of_peak" in fp32:
         text = (f"onnxruntime FP32 runs at {fp32['of_peak']:.0%} of what this CPU can do at batch {batch_size} "
                 f"({fp32['gflops']:.1f} GFLOP/s against a measured SGEMM peak of {results['sgemm_gflops']:.1f} "
@@ -378,8 +380,9 @@ def format_table(results: dict[str, Any]) -> str:
             if name in row:
                 e = row[name]
                 peak = f"{e['of_peak']:>8.0%}" if "of_peak" in e else f"{'-':>8}"
+                gflops = f"{e['gflops']:>8.1f}" if "gflops" in e else f"{'-':>8}"
                 lines.append(f"{batch_size:>5}  {name:<13} {e['ms']:>9.2f} {e['images_per_s']:>10.1f} "
-                             f"{e['gflops']:>8.1f} {peak} {e['kernel_share']:>9.0%} {e['page_faults_per_call']:>12.0f}")
+                             f"{gflops} {peak} {e['kernel_share']:>9.0%} {e['page_faults_per_call']:>12.0f}")
         for name, ratio in row["ratios"].items():
             low, high = row["ratio_ranges"][name]
             lines.append(f"{batch_size:>5}  {name} = {ratio:.2f}x  (per round {low:.2f}-{high:.2f}x)")

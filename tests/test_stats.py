@@ -327,14 +327,14 @@ def test_paired_test_sentence_under_the_table_and_in_the_terminal(tiny_result): 
 
 # ---------------------------------------------------------------- paired difference (core.runtime.intervals)
 
-def _paired(both: int, only_a: int, only_b: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
+def _answers(both: int, only_a: int, only_b: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
     a = np.r_[np.ones(both + only_a), np.zeros(only_b + neither)].astype(bool)
     b = np.r_[np.ones(both), np.zeros(only_a), np.ones(only_b), np.zeros(neither)].astype(bool)
     return a, b
 
 
 def test_paired_difference_interval_holds_the_difference_and_mirrors():
-    a, b = _paired(150, 9, 3, 38)
+    a, b = _answers(150, 9, 3, 38)
     low, high = paired_difference_interval(a, b)
     assert low < (9 - 3) / 200 < high
     assert paired_difference_interval(b, a) == pytest.approx((-high, -low))
@@ -345,8 +345,8 @@ def test_paired_difference_interval_holds_the_difference_and_mirrors():
 def test_paired_difference_interval_is_narrower_when_the_answers_agree():
     """The same two accuracies (80% vs 75%) are far more certainly apart when the models differ on 10 images than
     when they differ on 90: pairing is the point of the paired interval."""
-    close = paired_difference_interval(*_paired(150, 10, 0, 40))
-    loose = paired_difference_interval(*_paired(110, 50, 40, 0))
+    close = paired_difference_interval(*_answers(150, 10, 0, 40))
+    loose = paired_difference_interval(*_answers(110, 50, 40, 0))
     assert close[1] - close[0] < (loose[1] - loose[0]) / 2
     # 10 images one way and none back is a real difference (McNemar p = 0.002); 50 against 40 is not (p = 0.34)
     assert close[0] > 0 > loose[0]
@@ -359,6 +359,6 @@ def test_paired_difference_interval_covers_the_true_difference_about_95_percent_
     trials = 400
     for _ in range(trials):
         counts = rng.multinomial(n, probabilities)
-        low, high = paired_difference_interval(*_paired(*counts))
+        low, high = paired_difference_interval(*_answers(*counts))
         hits += low <= truth <= high
     assert 0.92 <= hits / trials <= 0.99
