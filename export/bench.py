@@ -339,9 +339,7 @@ def headline(results: dict[str, Any]) -> str | None:
     batch_size = max(results["batches"], key=int)
     row = results["batches"][batch_size]
     fp32 = row.get("onnx_fp32")
-    if not fp32:
-        return None
-    if "gflops" not in fp32:
+    if not fp32 or "gflops" not in fp32:
         return None
     if "of_peak" in fp32:
         text = (f"onnxruntime FP32 runs at {fp32['of_peak']:.0%} of what this CPU can do at batch {batch_size} "

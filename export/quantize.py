@@ -176,7 +176,7 @@ def quantize_int8(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike
     """Static INT8 quantization (QDQ, per-channel weights) calibrated on prepared uint8 training images."""
     src, out = Path(fp32_path), Path(out_path)
     images = calibration_set(calib_images, recipe)
-    reader = ImageCalibrationReader(images, max_images=len(images))
+    reader = ImageCalibrationReader(images, max_images=None)  # calibration_set already picked them
     pre = temp_path(out.with_name(out.stem + ".pre.onnx"))
     try:
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)

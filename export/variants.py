@@ -112,7 +112,6 @@ def default_variants() -> tuple[str, ...]:
 def evaluate_onnx(path: str | os.PathLike[str], images: np.ndarray, labels: Sequence[int] | np.ndarray, *,
                   device: str = "cpu") -> float:
     """Top-1 accuracy of an exported classifier on prepared uint8 images ``[N, S, S, 3]`` and integer labels."""
-
     labels = np.asarray(labels)
     if len(labels) != len(images):
         raise ValueError(f"got {len(images)} images but {len(labels)} labels; pass one label per image.")

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 class VariantMissingError(UserError, ValueError):
     """A variant was asked for by name and its file is not beside the model."""
 
+
 MIN_SPEEDUP = 1.10  # a variant must beat FP32 by 10% (more than run-to-run noise) to be served instead
 TIME_S = 2.0  # seconds of timing in all, shared by the candidates
 SERVES_ON = {"int8": (CPU,), "fp16": GPU_PROVIDERS}  # where a variant is worth serving; FP32 runs everywhere
