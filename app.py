@@ -771,7 +771,7 @@ def _export_tab() -> dict[str, Any]:
 def _bench_tab() -> dict[str, Any]:
     gr.Markdown("Time the exported model: PyTorch eager vs onnxruntime (FP32, and the smaller variants the export "
                 "kept), at batch size 1 and 16, on this server. It runs in the training queue so timings are not "
-                "disturbed, and takes a few minutes on a small CPU (about 5 on 2 cores).")
+                "disturbed, and takes about half a minute on a 2-core CPU.")
     return dict(bench_btn=gr.Button("⏱️ Run benchmark", variant="primary", elem_id="bench-btn"),
                 bench_md=gr.Markdown(elem_id="bench-md"),
                 bench_plot=gr.Plot(label="Throughput", show_label=False, elem_id="bench-plot"),

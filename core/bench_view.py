@@ -43,7 +43,7 @@ def benchmark_md(result: dict[str, Any], device: str) -> str:
     from export.bench import allocator_note, headline
 
     line = headline(result)
-    lines = [f"**{md(line)}**"] if line else []
+    lines = [f"**{md(line)}**", ""] if line else []  # its own paragraph
     lines += [f"onnxruntime provider **{result.get('provider', '?')}** · device **{device}** · "
              f"{result.get('threads', '?')} threads · input {result.get('image_size', '?')} px · median of "
              f"{result.get('repeats', '?')} runs, engines interleaved; in brackets each ratio's range over the "

@@ -698,7 +698,7 @@ class SessionStore:
         if state.get("run_dir"):
             model = Path(state["run_dir"]) / model_filename("pretrained")
             if model.is_file():
-                choices.append(("trained in this session: the fastest here (timed on this machine)", AUTO_MODEL))
+                choices.append(("trained in this session: fastest here (timed)", AUTO_MODEL))
             for name, variant in VARIANTS.items():
                 path = variant_path(model, name)
                 if path.is_file():

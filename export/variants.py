@@ -200,14 +200,15 @@ def build_variants(fp32_path: str | os.PathLike[str], calib_images: np.ndarray |
         low, high = check["drop_interval"]
         record.update(accuracy=accuracy, accuracy_drop=drop, check=check)
         summary = (f"accuracy {accuracy:.4f} vs FP32 {baseline:.4f} on {len(val_labels)} validation images: "
-                   f"drop {drop * 100:.2f} points (95% interval {low * 100:+.1f} to {high * 100:+.1f}), "
-                   f"same answer as FP32 on {check['agreement']:.1%}")
+                   f"drop {drop * 100:.2f} points (95% interval {low * 100:+.1f} to {high * 100:+.1f})")
+        agreement = f"same answer as FP32 on {check['agreement']:.1%} of them"
         if drop <= tolerance + 1e-9:
             os.replace(tmp, target)
-            record.update(path=str(target), accepted=True, reason=f"{summary} <= {tolerance * 100:.2f} allowed")
+            record.update(path=str(target), accepted=True,
+                          reason=f"{summary} <= {tolerance * 100:.2f} allowed; {agreement}")
         else:
             tmp.unlink(missing_ok=True)
             target.unlink(missing_ok=True)
-            record["reason"] = f"{summary} > {tolerance * 100:.2f} allowed; deleted"
+            record["reason"] = f"{summary} > {tolerance * 100:.2f} allowed; deleted; {agreement}"
         results.append(record)
     return results
