@@ -15,6 +15,18 @@ Multi-user design (public Hugging Face Space), see ``core.sessions``:
 
 from __future__ import annotations
 
+import sys
+
+from core.serve_view import add_launch_options, default_port, serving_model  # torch-free
+
+if __name__ == "__main__" and serving_model(sys.argv[1:]):
+    # `python app.py --model MODEL.onnx` (or env TRANSFER_LAB_MODEL): one model's Predict page. Dispatched before the
+    # lab's imports below, so a host without torch (requirements-serve.txt) runs it.
+    from core.serve_view import main as serve
+
+    serve(sys.argv[1:])
+    raise SystemExit(0)
+
 import argparse
 import logging
 import os
@@ -865,19 +877,12 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurre
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    on_space = bool(os.environ.get("SPACE_ID"))
     p = argparse.ArgumentParser(
         prog="python app.py",
         description="Transfer Lab web UI: train a new head on a frozen pretrained backbone and the same "
                     "network from scratch, compare them, predict with the exported ONNX model, download it.",
     )
-    p.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; 0.0.0.0 when env SPACE_ID is set, i.e. on "
-                        "Hugging Face Spaces)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
-                   help="port (default 7860, or env GRADIO_SERVER_PORT)")
-    p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
-    p.add_argument("--max-file-size", default="200mb", help="largest upload accepted (default 200mb)")
+    add_launch_options(p)
     p.add_argument("--concurrency", type=int, default=1,
                    help="training jobs that run at once (default 1; others wait in the queue). Above 1, one job's "
                         "ONNX export can break another's training: torch's exporter keeps process-wide state")
@@ -894,6 +899,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder for the per-session data, runs and models (default: $TRANSFER_LAB_APP_ROOT or "
                         "<tmp>/transfer-lab-app)")
     args = p.parse_args(argv)
+    args.port = args.port or default_port()
+    if args.model or args.examples:
+        p.error("--model and --examples start the serving app: run `python app.py --model MODEL.onnx` on its own")
     if args.concurrency < 1:
         p.error("--concurrency must be at least 1")
     if args.session_quota <= 0 or (args.disk_quota is not None and args.disk_quota <= 0):
