@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from core.serve_view import add_launch_options, default_port, serving_model  # torch-free
+from core.serve_view import add_launch_options, default_port, serving_model, uploaded_image  # torch-free
 
 if __name__ == "__main__" and serving_model(sys.argv[1:]):
     # `python app.py --model MODEL.onnx` (or env TRANSFER_LAB_MODEL): one model's Predict page. Dispatched before the
@@ -737,9 +737,9 @@ def _predict_tab() -> dict[str, Any]:
         with gr.Column(scale=1, min_width=320):
             c["model_choice"] = gr.Dropdown([], label="Model", allow_custom_value=True, elem_id="model-choice",
                                             info="the ONNX export of this session's run, or an uploaded one")
-            c["image_in"] = gr.Image(label="Image (upload, webcam or paste from the clipboard)", type="filepath",
-                                     image_mode=None,
-                                     sources=["upload", "webcam", "clipboard"], height=280, elem_id="predict-image")
+            c["image_in"] = uploaded_image(label="Image (upload, webcam or paste from the clipboard)", image_mode=None,
+                                           sources=["upload", "webcam", "clipboard"], height=280,
+                                           elem_id="predict-image")
             c["predict_btn"] = gr.Button("🔎 Predict", variant="primary", elem_id="predict-btn")
             c["examples"] = gr.Gallery(label="…or click one of your validation images (after training)", columns=4,
                                        height=220, format="png", object_fit="contain", allow_preview=False,

@@ -11,12 +11,13 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from core import __version__
 from core.config import FIELDS, ConfigError, TrainConfig, read_config_file, rule
 from core.data import SPLITS, Dataset, load_dataset
 from core.runtime.devices import DEVICES, VARIANT_CHOICES
-from core.runtime.errors import USER_ERRORS
+from core.runtime.errors import USER_ERRORS, UserError
 from core.samples import SAMPLES
 
 # Errors caused by user input (core.runtime.errors) are printed as "error: <message>" with this exit code and no
@@ -304,9 +305,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_predict_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="classify images with an exported .onnx model (one JSON line per image)")
+    p = sub.add_parser("predict", help="classify images with an exported .onnx model (one JSON line per image, or "
+                                       "a CSV of any number of images with --out)")
     p.add_argument("--model", required=True, metavar="M.onnx", help="a model.onnx exported by this project")
-    p.add_argument("images", nargs="+", metavar="IMG", help="image files")
+    p.add_argument("images", nargs="*", metavar="IMG", help="image files")
+    p.add_argument("--input", action="append", default=[], metavar="DIR",
+                   help="a folder of images, searched recursively (repeatable); with --out")
+    p.add_argument("--out", metavar="PREDS.csv",
+                   help="write one CSV row per image (path, label, probability, top_k as JSON, error) with a "
+                        "progress bar, instead of JSON lines; unreadable files get a row with the reason")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="with --out: local (this process, default) or ray (Ray Data, one onnxruntime session per "
+                        "actor; a cluster when RAY_ADDRESS is set, else Ray on this machine)")
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="images decoded and classified together (default 64)")
     p.add_argument("--top-k", type=positive_int, default=3, help="labels per image (default 3)")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: CUDA provider when usable, else CPU")
@@ -321,8 +333,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from core.runtime.images import ImageDecodeError, open_rgb
     from core.runtime.predictor import Predictor
 
+    if not args.images and not args.input:
+        raise UserError("name image files, or --input DIR with --out PREDS.csv")
+    if (args.input or args.engine != "local") and not args.out:
+        raise UserError("--input and --engine write a CSV: add --out PREDS.csv")
     choice = choose_variant(args.model, device=args.device, want=args.variant)
     print(f"serving {choice.path.name}: {choice.reason}", file=sys.stderr)
+    if args.out:
+        return _predict_to_csv(args, choice.path)
     predictor = Predictor(choice.path, device=args.device)
     if predictor.fallback_warning:
         print(f"warning: {predictor.fallback_warning}", file=sys.stderr)
@@ -338,6 +356,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps({"file": path, "label": result["label"], "probability": result["probability"],
                           "top_k": result["top_k"], "provider": result["provider"], "variant": choice.variant}))
     return 1 if failed else 0
+
+
+def _predict_to_csv(args: argparse.Namespace, model: Path) -> int:
+    from core.batch import find_images, predict_local, predict_ray, write_csv
+
+    try:
+        paths = find_images([*args.images, *args.input])
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    if not paths:
+        raise UserError(f"no image files in {', '.join(args.input or args.images)}")
+    run = predict_ray if args.engine == "ray" else predict_local
+    start = time.perf_counter()
+    summary = write_csv(run(model, paths, top_k=args.top_k, device=args.device, batch_size=args.batch_size), args.out,
+                        total=len(paths))
+    seconds = time.perf_counter() - start
+    print(f"wrote {summary.rows} rows to {summary.out} in {seconds:.1f} s ({summary.rows / seconds:.1f} images/s, "
+          f"engine {args.engine}); {summary.errors} file(s) could not be read (see the error column)",
+          file=sys.stderr)
+    return 1 if summary.errors else 0
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:

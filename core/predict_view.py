@@ -37,7 +37,8 @@ class PredictInputError(UserError):
     """An image to classify cannot be used (unreadable, too large, too many); the message says what to do."""
 
 
-def load_images(files: list[tuple[str, Any]], predictor: Predictor) -> list[tuple[str, Image.Image]]:
+def load_images(files: list[tuple[str, Any]], predictor: Predictor, *,
+                max_image_pixels: int = MAX_IMAGE_PIXELS) -> list[tuple[str, Image.Image]]:
     """``(name, image)`` for ``(name, path or image)`` pairs, memory bounded by design: every file's size is read
     from its header first (``MAX_IMAGE_PIXELS`` each, ``MAX_REQUEST_PIXELS`` together), it is reduced while it is
     decoded (JPEG draft mode, ``Image.reduce``) and at once resized to the model's resize size, so the process holds
@@ -52,16 +53,16 @@ def load_images(files: list[tuple[str, Any]], predictor: Predictor) -> list[tupl
             if isinstance(source, Image.Image):  # an API caller's decoded image: already in memory
                 image = as_rgb(source)
             else:
-                pixels = check_pixels(source, MAX_IMAGE_PIXELS, reduce_to=2 * side)
+                pixels = check_pixels(source, max_image_pixels, reduce_to=2 * side)
                 total += pixels
                 if total > MAX_REQUEST_PIXELS:
                     raise PredictInputError(f"These images hold more than {MAX_REQUEST_PIXELS // 10**6} megapixels "
                                             "together; send fewer or smaller ones.", title="Too many pixels")
                 large = pixels > LARGE_DECODE_PIXELS
                 with _LARGE_DECODE if large else contextlib.nullcontext():
-                    image = open_rgb(source, reduce_to=2 * side, max_pixels=MAX_IMAGE_PIXELS)
+                    image = open_rgb(source, reduce_to=2 * side, max_pixels=max_image_pixels)
         except ImageDecodeError as exc:
-            raise PredictInputError(f"{name} is not a readable image ({exc.reason}).",
+            raise PredictInputError(f"{name} cannot be read as an image: {exc.reason}.",
                                     title="Cannot read the image") from None
         images.append((name, resize_shorter(image, side, interpolation)))
     return images

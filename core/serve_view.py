@@ -109,14 +109,53 @@ def example_images(folder: str | os.PathLike[str] | None) -> list[str]:
     return [str(p) for p in sorted(root.iterdir()) if p.is_file() and is_image_file(p)][:MAX_EXAMPLES]
 
 
-def describe_model(predictor: Predictor, name: str) -> str:
-    """Plain words first: what the model tells apart, then its details."""
-    info, classes = predictor.info, predictor.classes
+# The served model's host may have ~512 MB (Deta Space): a 25 MP PNG decodes to ~75 MB. JPEGs count at their
+# reduced decode scale, so phone photos of any size pass.
+MAX_IMAGE_PIXELS = 25_000_000
+NAME_CHARS = 40  # file names in the table are cut to this, so a long name cannot push the answer off a phone
+TABLE_COLUMNS = ["image", "prediction", "probability"]
+
+# After a prediction the answer sits below the input (far below on a phone): bring it into view.
+SCROLL_TO_ANSWER = """() => {
+  document.querySelector('#serve-label')?.scrollIntoView({behavior: 'smooth', block: 'start'});
+}"""
+
+
+def uploaded_image(**kwargs: Any) -> gr.Image:
+    """A ``gr.Image`` (``type="filepath"``) that hands a file Gradio cannot open to the handler instead of failing
+    before it: the handler decodes every file itself (bounded, ``core.predict_view.load_images``) and says in plain
+    words why one cannot be used. Gradio's own checks on the upload (that it came from this visitor) have run by
+    then. (The instance's method is replaced: a subclass would make Gradio write a type stub beside this file.)"""
+    image = gr.Image(type="filepath", **kwargs)
+    strict = image.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return strict(payload)
+        except Exception:  # noqa: BLE001 - PIL's errors for a non-image, an empty file, a decompression bomb
+            path = getattr(payload, "path", None)
+            return str(path) if path else None
+
+    image.preprocess = preprocess
+    return image
+
+
+def describe_model(predictor: Predictor) -> str:
+    """Plain words: what the model tells apart."""
+    classes = predictor.classes
     shown = ", ".join(classes[:12]) + (f" and {len(classes) - 12} more" if len(classes) > 12 else "")
-    return (f"Upload a picture, paste one or use the webcam: this model says which of its **{len(classes)} "
-            f"classes** it shows: {text.md(shown)}.\n\n"
-            f"<sub>Model {text.md(name)} · backbone {text.md(info.backbone or '?')} · {info.image_size} px input · "
-            f"{text.md(info.variant or 'fp32')} · runs on onnxruntime's **{text.md(predictor.provider)}**</sub>")
+    return (f"Upload a picture, paste one or use the webcam, and this model says which of its **{len(classes)} "
+            f"classes** it shows: {text.md(shown)}.")
+
+
+def model_details(predictor: Predictor, name: str) -> str:
+    """The model's details, for the folded settings: what it is and what runs it, each in a few words."""
+    info = predictor.info
+    return (f"**{text.md(name)}**: a {text.md(info.backbone or 'neural network')} network fine-tuned on "
+            f"{info.image_size}x{info.image_size} pixel crops, stored as {text.md(info.variant or 'fp32').upper()} "
+            f"({'8-bit integers: smaller and often faster on a CPU' if info.variant == 'int8' else 'full precision'})."
+            f" It runs on onnxruntime's **{text.md(predictor.provider)}** "
+            f"({'the GPU' if predictor.provider != 'CPUExecutionProvider' else 'the CPU'}).")
 
 
 def _upload_path(file: Any) -> Path | None:
@@ -127,6 +166,10 @@ def _upload_path(file: Any) -> Path | None:
     if not path.is_file() or path.is_symlink():
         raise gr.Error("The uploaded file could not be read; please upload it again.", title="Cannot read the image")
     return path
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= NAME_CHARS else name[:NAME_CHARS - 1] + "…"
 
 
 def _error(exc: BaseException) -> gr.Error:
@@ -143,53 +186,77 @@ def _error(exc: BaseException) -> gr.Error:
 
 
 def build_serving_app(predictor: Predictor, model_name: str, examples: list[str] | None = None) -> gr.Blocks:
-    """The Predict page of one model. ``predict`` is also the API (``/predict``: image, files, top_k)."""
+    """The Predict page of one model. ``predict`` is also the API (``/predict``: image, files, top_k): with files,
+    they are classified (the answer shown is the first file's); without, the image."""
     k_max = min(MAX_TOP_K, len(predictor.classes))
 
     def predict(image: Any, files: Any, top_k: float) -> tuple:
         file_list = files if isinstance(files, list | tuple) else ([files] if files else [])
-        named = [] if image is None else [("image", image if not isinstance(image, str | os.PathLike)
-                                           else _upload_path(image))]
-        named += [(Path(getattr(f, "orig_name", None) or p.name).name, p)
-                  for f in file_list if (p := _upload_path(f)) is not None]
+        if file_list:
+            named = [(_short(Path(getattr(f, "orig_name", None) or p.name).name), p)
+                     for f in file_list if (p := _upload_path(f)) is not None]
+        elif image is None:
+            named = []
+        elif isinstance(image, str | os.PathLike):
+            path = _upload_path(image)
+            named = [(_short(path.name), path)]
+        else:  # a Python caller's decoded image
+            named = [("image", image)]
         if not named:
             raise gr.Error("Upload an image (or paste one / use the webcam) to classify.", title="No image")
         k = int(min(max(top_k or 1, 1), k_max))
         try:
-            label, info, table, looked = classify(predictor, load_images(named, predictor), model_name, top_k=k)
+            images = load_images(named, predictor, max_image_pixels=MAX_IMAGE_PIXELS)
+            label, info, table, looked = classify(predictor, images, model_name, top_k=k)
         except Exception as exc:  # noqa: BLE001 - sorted by _error
             raise _error(exc) from None
-        return label, info, table, looked
+        return label, info, table[[c for c in [*TABLE_COLUMNS[:2], "fits a class?", TABLE_COLUMNS[2]]
+                                   if c in table.columns]], looked
 
-    with gr.Blocks(title=f"{model_name} · Transfer Lab") as demo:
-        gr.Markdown(f"## 🔎 Image classifier\n{describe_model(predictor, model_name)}", elem_id="serve-intro")
+    def cleared() -> tuple:  # a new request starts from an empty answer, so an error never sits on an old one
+        return None, "", None, None
+
+    with gr.Blocks(title=f"{model_name} · image classifier") as demo:
+        gr.Markdown(f"## 🔎 Image classifier\n{describe_model(predictor)}", elem_id="serve-intro")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
-                image_in = gr.Image(label="Image (upload, webcam or paste from the clipboard)", type="filepath",
-                                    image_mode=None, sources=["upload", "webcam", "clipboard"], height=280,
-                                    elem_id="serve-image")
-                if examples:
-                    gr.Examples(examples, inputs=image_in, label="…or try one of these", examples_per_page=12)
+                image_in = uploaded_image(label="Image (upload, webcam or paste from the clipboard)", image_mode=None,
+                                          sources=["upload", "webcam", "clipboard"], height=280,
+                                          elem_id="serve-image")
                 predict_btn = gr.Button("🔎 Predict", variant="primary", elem_id="serve-predict")
+                if examples:
+                    example_box = gr.Examples(examples, inputs=image_in, label="…or try one of these",
+                                              examples_per_page=MAX_EXAMPLES, api_visibility="private")
                 with gr.Accordion("Classify several images at once", open=False):
-                    files_in = gr.File(label="Images", file_count="multiple", file_types=["image"], type="filepath",
-                                       elem_id="serve-files")
+                    files_in = gr.File(label="Images (each gets a row in the table)", file_count="multiple",
+                                       file_types=["image"], type="filepath", elem_id="serve-files")
                 with gr.Accordion("Settings and the model file", open=False):
-                    top_k = gr.Slider(1, k_max, value=min(5, k_max), step=1, label="Classes to list per image (top-k)",
+                    top_k = gr.Slider(1, k_max, value=min(3, k_max), step=1, label="How many guesses to show",
                                       elem_id="serve-topk")
+                    gr.Markdown(model_details(predictor, model_name))
                     gr.DownloadButton("⬇️ Download the model (.onnx)", value=str(predictor.model_path),
                                       elem_id="serve-download")
-                    gr.Markdown("Use it without this app: `python export/example_predict.py model.onnx image.jpg` "
+                    gr.Markdown("Use it in your own app: `python export/example_predict.py model.onnx image.jpg` "
                                 "needs only onnxruntime, numpy and pillow.")
             with gr.Column(scale=1, min_width=300):
                 label_out = gr.Label(num_top_classes=k_max, label="Prediction", elem_id="serve-label")
                 info_out = gr.Markdown(label="details", elem_id="serve-info")
                 looked = gr.Image(label="Where it looked", type="numpy", format="png", interactive=False, height=240,
                                   visible=predictor.explains, elem_id="serve-looked")
-                table = gr.Dataframe(label="All images", interactive=False, wrap=True, elem_id="serve-table")
-        outputs = [label_out, info_out, table, looked]
-        predict_btn.click(predict, [image_in, files_in, top_k], outputs, api_name="predict", concurrency_limit=2)
-        image_in.upload(predict, [image_in, files_in, top_k], outputs, api_name=False, concurrency_limit=2)
+                table = gr.Dataframe(headers=TABLE_COLUMNS, label="All images", interactive=False, wrap=True,
+                                     elem_id="serve-table")
+        inputs, outputs = [image_in, files_in, top_k], [label_out, info_out, table, looked]
+
+        def wire(trigger: Any, api_name: str | None = None) -> None:
+            trigger(cleared, None, outputs, queue=False, api_visibility="private").then(
+                predict, inputs, outputs, api_name=api_name, concurrency_limit=2,
+                api_visibility="public" if api_name else "private").success(None, js=SCROLL_TO_ANSWER)
+
+        wire(predict_btn.click, "predict")
+        wire(image_in.upload)
+        wire(files_in.upload)
+        if examples:
+            wire(example_box.load_input_event.success)
     return demo
 
 

@@ -132,7 +132,20 @@ def test_deployed_micro_classifies_through_its_api_without_torch(deployed):
     got = {c["label"]: c["confidence"] for c in label["confidences"]}
     assert got == pytest.approx({t["label"]: t["probability"] for t in expected["top_k"]}, abs=1e-5)
     assert "CPUExecutionProvider" in info and "ms" in info  # says which provider ran, and how long it took
-    assert table["data"][0][:2] == ["image", "triangle"]
+    assert table["headers"] == ["image", "prediction", "fits a class?", "probability"]
+    assert table["data"][0][:2] == ["triangle.png", "triangle"]
+
+
+def test_deployed_micro_classifies_a_batch_of_files(deployed):
+    from gradio_client import Client, handle_file
+
+    url, app_dir, _log = deployed
+    files = [app_dir / "export" / "examples" / "shapes" / f"{s}.png" for s in ("square", "circle", "triangle")]
+    label, info, table, _ = Client(url, verbose=False).predict(None, [handle_file(str(f)) for f in files], 2,
+                                                               api_name="/predict")
+    assert [row[:2] for row in table["data"]] == [["square.png", "square"], ["circle.png", "circle"],
+                                                  ["triangle.png", "triangle"]]
+    assert label["label"] == "square" and len(label["confidences"]) == 2 and "3 image(s)" in info
 
 
 def test_deployed_micro_refuses_a_broken_image_in_plain_words(deployed, tmp_path):
@@ -145,9 +158,10 @@ def test_deployed_micro_refuses_a_broken_image_in_plain_words(deployed, tmp_path
     with pytest.raises(Exception) as caught:  # the client raises its AppError with the page's message
         client.predict(None, [handle_file(str(fake))], 3, api_name="/predict")
     message = str(caught.value)
-    assert "holiday.png is not a readable image" in message
-    with pytest.raises(Exception) as caught:  # the image slot: Gradio itself decodes it first, and says nothing more
+    assert "holiday.png cannot be read as an image: not an image" in message
+    with pytest.raises(Exception) as caught:  # the image slot says the same (Gradio's own check does not stop it)
         client.predict(handle_file(str(fake)), [], 3, api_name="/predict")
+    assert "holiday.png cannot be read as an image: not an image" in str(caught.value)
     for said in (message, str(caught.value)):
         assert "Traceback" not in said and "/tmp" not in said and "PIL" not in said
 

@@ -121,9 +121,18 @@ def choose_variant(fp32_path: str | os.PathLike[str], *, device: str = "auto", w
 
     if want not in VARIANT_CHOICES:
         raise ValueError(f"variant must be one of {list(VARIANT_CHOICES)}, got {want!r}.")
+    from core.runtime.predictor import read_model_info
+
+    cpu = cpu_features()
+    given = read_model_info(fp32_path).variant
+    if given != "fp32":  # a variant file itself (model.int8.onnx): served as given, there is nothing to choose from
+        if want not in ("auto", given):
+            raise VariantMissingError(f"{Path(fp32_path).name} is the {LABELS.get(given, given)} variant, not "
+                                      f"{LABELS[want]}; pass the FP32 model.onnx to choose among its variants.")
+        return VariantChoice(given, Path(fp32_path), f"{LABELS.get(given, given)}: the file given", forced=True,
+                             cpu=cpu.describe())
     files = variant_files(fp32_path)
     threads = threads or default_threads()
-    cpu = cpu_features()
     if want != "auto":
         if want not in files:
             raise VariantMissingError(f"{Path(fp32_path).name} has no {LABELS[want]} variant beside it; there are "

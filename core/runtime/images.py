@@ -147,6 +147,12 @@ def _decoding(source: str | os.PathLike[str] | BinaryIO, max_pixels: int | None 
                 raise ImageDecodeError("empty file", label)
         except OSError as exc:
             raise ImageDecodeError(f"cannot read file ({exc.strerror or exc})", label) from exc
+    elif source.seekable():  # a file object: the same answer for an empty one as for an empty file
+        position = source.tell()
+        empty = not source.read(1)
+        source.seek(position)
+        if empty:
+            raise ImageDecodeError("empty file", label)
     # Partial decodes must fail loudly, never yield grey filler.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
