@@ -3,14 +3,14 @@ in this process or on Ray Data (local, or a cluster through ``RAY_ADDRESS``). To
 
 Both engines run the same unit, ``BatchClassifier``: it decodes a batch of files (bounded, see ``MAX_PIXELS``),
 classifies the readable ones and gives one row per file, with the reason in ``error`` for a file it could not read.
-On Ray each actor holds one onnxruntime session (``map_batches`` with an actor pool); the model travels through
-Ray's object store, so workers need not see the model file.
+On Ray each actor holds one onnxruntime session (``map_batches`` with an actor pool) and reads its files itself;
+the model travels through Ray's object store, so workers need not see the model file, but they must see the
+images (this machine, or a filesystem every node mounts).
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import os
@@ -94,8 +94,8 @@ class BatchClassifier:
         return rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        """Ray Data's ``map_batches``: ``{"path", "bytes"}`` columns in, ``COLUMNS`` out."""
-        rows = self.rows((str(p), io.BytesIO(b)) for p, b in zip(batch["path"], batch["bytes"]))
+        """Ray Data's ``map_batches``: a ``path`` column in, ``COLUMNS`` out."""
+        rows = self.rows((str(p), str(p)) for p in batch["path"])
         return {c: [r[c] for r in rows] for c in COLUMNS}
 
 
@@ -111,9 +111,9 @@ def predict_local(model: str | os.PathLike[str], paths: Sequence[str], *, top_k:
 def predict_ray(model: str | os.PathLike[str], paths: Sequence[str], *, top_k: int = 3, device: str = "auto",
                 batch_size: int = BATCH_SIZE, actors: int | None = None,
                 cpus_per_actor: int = 1) -> Iterator[dict[str, Any]]:
-    """The same rows, in the same order, from Ray Data: files read by Ray's read tasks, classified by a pool of
-    ``actors`` (default: one per CPU of the cluster, or one per GPU when it has GPUs and ``device`` allows),
-    each with one onnxruntime session. Connects to ``RAY_ADDRESS`` when it is set, else starts Ray on this machine."""
+    """The same rows, in the same order, from Ray Data: a pool of ``actors`` (default: one per CPU of the
+    cluster, or one per GPU when it has GPUs and ``device`` allows), each with one onnxruntime session. Connects to
+    ``RAY_ADDRESS`` when it is set, else starts Ray on this machine."""
     import ray
 
     if not ray.is_initialized():
@@ -127,8 +127,9 @@ def predict_ray(model: str | os.PathLike[str], paths: Sequence[str], *, top_k: i
     device = "cuda" if gpu else "cpu"
     if actors is None:
         actors = max(1, int(resources.get("GPU", 0)) if gpu else int(resources.get("CPU", 1) // cpus_per_actor))
-    # Reading files is I/O: its tasks reserve no CPU, so the actors may take every CPU without starving them.
-    ds = ray.data.read_binary_files(list(paths), include_paths=True, num_cpus=0)
+    # The actors read the files themselves (they must see the paths: this machine, or a filesystem every node
+    # mounts): no separate read tasks to compete with them for the CPUs.
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, -(-len(paths) // batch_size)))
     ds = ds.map_batches(BatchClassifier, fn_constructor_args=(Path(model).read_bytes(),),
                         fn_constructor_kwargs={"top_k": top_k, "device": device, "threads": cpus_per_actor},
                         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
