@@ -24,6 +24,7 @@ import models
 from models.preprocess import ImagePreprocess
 
 from .config import FEATURE_ENGINES
+from .decoded import release
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,9 @@ def extract_all(
     """Features for every image, in batches; ``on_batch(done, total)`` after each batch."""
     out = []
     for start in range(0, len(images), batch_size):
-        out.append(extractor.extract(images[start : start + batch_size]))
+        batch = images[start : start + batch_size]
+        out.append(extractor.extract(batch))
+        release(batch)  # a memory-mapped crop file: keep one batch resident, not the file
         if on_batch is not None:
             on_batch(min(start + batch_size, len(images)), len(images))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

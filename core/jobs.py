@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from core.config import TrainConfig
 from core.data import Dataset
 
@@ -262,8 +264,9 @@ class KeptRuns:
     def footprint(result: Any) -> int:
         """Bytes a kept run holds, roughly: its decoded images and crops, its models, and the scratch optimizer's
         two moments per weight."""
-        images = sum(a.nbytes for part in (result.train, result.val, result.test) if part is not None
-                     for a in (*part.resized, part.crops))
+        images = sum(0 if isinstance(a, np.memmap) else a.nbytes  # on disk (core.decoded): not held in memory
+                     for part in (result.train, result.val, result.test) if part is not None
+                     for a in (part.resized, part.crops))
         weights = sum(p.numel() * p.element_size() for run in result.runs.values() for p in run.model.parameters())
         trainer = result.runs["scratch"].trainer
         moments = 3 * sum(p.numel() * p.element_size() for p in trainer.model.parameters()) if trainer else 0

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,11 +35,11 @@ from models.preprocess import ImagePreprocess
 from . import diagnostics, duplicates, shortcuts, stats
 from .config import TrainConfig
 from .data import Dataset
+from .decoded import DecodedImages, crop_file, decode_once, take, trim
 from .device import resolve_device
 from .features import extract_all, make_feature_extractor, wait_for_warm_up
 from .metrics import classification_metrics, misclassified, verdict
 from .runtime.devices import GPU_PROVIDERS
-from .runtime.images import center_crop, open_rgb, resize_shorter
 
 ARMS = ("pretrained", "scratch")
 
@@ -64,10 +65,11 @@ class Callbacks:
 
 @dataclass
 class PreparedImages:
-    """Every image decoded once and resized (shorter side = ``resize_size``), plus its centre crop."""
+    """Every image decoded once and resized (shorter side = ``resize_size``), plus its centre crop. Both live on disk
+    (``core.decoded``): a run's memory does not grow with its dataset."""
 
-    resized: list[np.ndarray]  # uint8 [H, W, 3], min(H, W) == resize_size (scratch-arm augmentation source)
-    crops: np.ndarray  # uint8 [N, S, S, 3]: exactly what the exported model's caller feeds it
+    resized: DecodedImages  # uint8 [H, W, 3] each, min(H, W) == resize_size (scratch-arm augmentation source)
+    crops: np.ndarray  # uint8 [N, S, S, 3], memory-mapped: exactly what the exported model's caller feeds it
     labels: np.ndarray  # int64 [N]
     files: list[str]
     hashes: list[str]
@@ -75,27 +77,24 @@ class PreparedImages:
 
 def prepare_images(items, image_size: int, spec: models.BackboneSpec, *, callbacks: Callbacks | None = None,
                    stage: str = "decode", memo: dict | None = None) -> PreparedImages:
-    """``memo``: decoded images kept between calls (repeats), by content hash and resize rule."""
+    """Decode each image into the on-disk cache unless it is there already (``core.decoded``: keyed by content hash
+    and resize rule, so repeats, arms and later runs reuse it). ``memo`` is accepted for the callers that keep
+    features between calls; decoded images need no memo."""
     resize = spec.resize_for(image_size)
 
-    def load(item) -> np.ndarray:
-        key = ("decoded", item.sha256, resize, spec.interpolation)
-        if memo is not None and key in memo:
-            return memo[key]
-        array = np.array(resize_shorter(open_rgb(item.path), resize, spec.interpolation), dtype=np.uint8)
-        if memo is not None:
-            memo[key] = array
-        return array
+    def load(item) -> Path:
+        return decode_once(item.path, item.sha256, resize, spec.interpolation)
 
-    resized: list[np.ndarray] = []
+    files: list[Path] = []
     with ThreadPoolExecutor(max_workers=4) as pool:  # Pillow releases the GIL while decoding
-        for i, arr in enumerate(pool.map(load, items)):
-            resized.append(arr)
+        for i, path in enumerate(pool.map(load, items)):
+            files.append(path)
             if callbacks is not None and (i % 16 == 0 or i == len(items) - 1):
                 callbacks.report(stage, (i + 1) / len(items), f"decoded {i + 1}/{len(items)} images")
-    crops = np.stack([center_crop(a, image_size) for a in resized]) if resized else np.zeros(
-        (0, image_size, image_size, 3), np.uint8)
-    return PreparedImages(resized, crops, np.array([i.label for i in items], dtype=np.int64),
+    decoded = DecodedImages(files)
+    crops = crop_file(decoded, image_size) if files else np.zeros((0, image_size, image_size, 3), np.uint8)
+    trim(keep=[*files, Path(getattr(crops, "filename", "") or ".")])
+    return PreparedImages(decoded, crops, np.array([i.label for i in items], dtype=np.int64),
                           [str(i.path) for i in items], [i.sha256 for i in items])
 
 
@@ -133,7 +132,7 @@ def selection_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
 
 
 def _index(p: PreparedImages, idx: np.ndarray) -> PreparedImages:
-    return PreparedImages([p.resized[i] for i in idx], p.crops[idx], p.labels[idx], [p.files[i] for i in idx],
+    return PreparedImages(p.resized[idx], take(p.crops, idx), p.labels[idx], [p.files[i] for i in idx],
                           [p.hashes[i] for i in idx])
 
 

@@ -1,0 +1,164 @@
+"""Decoded images on disk, so a run's memory does not grow with its dataset.
+
+Every image is decoded once into the cache (``cache_dir()/decoded``, one ``.npy`` per image, keyed by its content
+hash and the resize rule), reused by every later run and arm on the same files. A run holds only the file names:
+``DecodedImages`` loads an image when it is indexed (the scratch arm's augmentation reads one batch at a time) and
+the centre crops live in one memory-mapped file per image set (``crop_file``), which the feature pass and the
+evaluations read in slices; ``release`` hands a slice's pages back once it is used, so the resident memory stays
+one batch wide. Torch-free.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from core.runtime.files import atomic_write, cache_dir
+from core.runtime.images import center_crop, open_rgb, resize_shorter
+
+log = logging.getLogger(__name__)
+
+CACHE_MAX_BYTES = 8 * 1024**3  # decoded images and crops kept for reuse; the oldest go first beyond this
+CROP_CHUNK = 256  # images per write when a crop file is built
+
+
+def _folder(kind: str) -> Path:
+    return cache_dir() / "decoded" / kind
+
+
+def decoded_file(sha256: str, resize: int, interpolation: str) -> Path:
+    return _folder(f"{resize}-{interpolation}") / sha256[:2] / f"{sha256}.npy"
+
+
+def decode_once(path: str | os.PathLike[str], sha256: str, resize: int, interpolation: str) -> Path:
+    """The cached decode of ``path`` (resized so its shorter side is ``resize``), made now if it is missing."""
+    target = decoded_file(sha256, resize, interpolation)
+    if target.is_file():
+        return target
+    array = np.asarray(resize_shorter(open_rgb(path), resize, interpolation), dtype=np.uint8)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(target, write)
+    return target
+
+
+class DecodedImages(Sequence):
+    """Decoded uint8 images ``[H, W, 3]`` that live on disk: indexing an int loads one; a slice or an index array
+    gives another ``DecodedImages`` (nothing is loaded)."""
+
+    def __init__(self, files: Sequence[Path]):
+        self.files = list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index):  # noqa: ANN001 - int, slice or an index array
+        if isinstance(index, slice):
+            return DecodedImages(self.files[index])
+        if isinstance(index, np.ndarray | list | tuple):
+            return DecodedImages([self.files[int(i)] for i in index])
+        return np.load(self.files[index])
+
+    nbytes = 0  # held in memory: none (the jobs' memory accounting counts what a kept run holds)
+
+
+def _crop_key(files: Sequence[Path], size: int) -> str:
+    digest = hashlib.sha256(str(size).encode())
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(f.parent.parent.name.encode())  # the resize rule
+    return digest.hexdigest()[:32]
+
+
+def crop_file(images: DecodedImages, size: int) -> np.memmap:
+    """The centre ``size`` crops of ``images`` as one memory-mapped uint8 array ``[N, size, size, 3]``, built once
+    per image set and size (copy-on-write: a caller may write to it without touching the file)."""
+    target = _folder("crops") / f"{_crop_key(images.files, size)}-{len(images)}x{size}.npy"
+    if not target.is_file():
+        def write(tmp: Path) -> None:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), size, size, 3))
+            for lo in range(0, len(images), CROP_CHUNK):
+                hi = min(lo + CROP_CHUNK, len(images))
+                out[lo:hi] = np.stack([center_crop(images[i], size) for i in range(lo, hi)])
+                release(out[lo:hi])
+            out.flush()
+            del out
+
+        atomic_write(target, write)
+    return np.load(target, mmap_mode="c")
+
+
+def take(crops: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``crops[index]`` that stays on disk when ``crops`` is a memory-mapped crop file (a new one, built in chunks)."""
+    if not isinstance(crops, np.memmap) or len(index) == 0:
+        return crops[index]
+    index = np.asarray(index)
+    digest = hashlib.sha256(index.astype(np.int64).tobytes()).hexdigest()[:16]
+    target = Path(crops.filename).with_name(f"{Path(crops.filename).stem}-take-{digest}.npy")
+    if not target.is_file():
+        def write(tmp: Path) -> None:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=crops.dtype, shape=(len(index), *crops.shape[1:]))
+            for lo in range(0, len(index), CROP_CHUNK):
+                out[lo:lo + CROP_CHUNK] = crops[index[lo:lo + CROP_CHUNK]]
+                release(out[lo:lo + CROP_CHUNK])
+            out.flush()
+            del out
+
+        atomic_write(target, write)
+    return np.load(target, mmap_mode="c")
+
+
+_MADV_DONTNEED = 4
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+try:
+    _madvise = ctypes.CDLL(None, use_errno=True).madvise
+    _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+except (OSError, AttributeError):  # not Linux/glibc: pages are left to the OS
+    _madvise = None
+
+
+def release(array: np.ndarray) -> None:
+    """Hand the pages of a slice of a memory-mapped file back to the OS (they are read again if used again), so
+    going through a large file keeps one slice resident, not the whole file. Nothing for other arrays."""
+    if _madvise is None or not isinstance(array, np.memmap) or array.size == 0:
+        return
+    low, high = np.lib.array_utils.byte_bounds(array)
+    start = low - low % _PAGE  # whole pages only: the ones partly outside the slice are dropped too (read back)
+    _madvise(start, high - start, _MADV_DONTNEED)
+
+
+def trim(max_bytes: int = CACHE_MAX_BYTES, keep: Iterable[Path] = ()) -> int:
+    """Delete the least recently written decoded images and crop files beyond ``max_bytes``; returns bytes freed."""
+    root = cache_dir() / "decoded"
+    if not root.is_dir():
+        return 0
+    keep = {Path(p) for p in keep}
+    entries = []
+    for path in root.rglob("*.npy"):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        entries.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    freed = 0
+    for _, size, path in sorted(entries):
+        if total - freed <= max_bytes:
+            break
+        if path in keep:
+            continue
+        try:
+            path.unlink()
+            freed += size
+        except OSError as exc:
+            log.warning("could not trim %s: %s", path, exc)
+    return freed
