@@ -53,20 +53,28 @@ def decode_once(path: str | os.PathLike[str], sha256: str, resize: int, interpol
 
 class DecodedImages(Sequence):
     """Decoded uint8 images ``[H, W, 3]`` that live on disk: indexing an int loads one; a slice or an index array
-    gives another ``DecodedImages`` (nothing is loaded)."""
+    gives another ``DecodedImages`` (nothing is loaded). ``sources`` (``decode_once``'s arguments per image) let an
+    image trimmed from the cache meanwhile be decoded again (a run kept in the app may read its images much later)."""
 
-    def __init__(self, files: Sequence[Path]):
+    def __init__(self, files: Sequence[Path], sources: Sequence[tuple] | None = None):
         self.files = list(files)
+        self.sources = list(sources) if sources is not None else [None] * len(self.files)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index):  # noqa: ANN001 - int, slice or an index array
         if isinstance(index, slice):
-            return DecodedImages(self.files[index])
+            return DecodedImages(self.files[index], self.sources[index])
         if isinstance(index, np.ndarray | list | tuple):
-            return DecodedImages([self.files[int(i)] for i in index])
-        return np.load(self.files[index])
+            picked = [int(i) for i in index]
+            return DecodedImages([self.files[i] for i in picked], [self.sources[i] for i in picked])
+        try:
+            return np.load(self.files[index])
+        except FileNotFoundError:
+            if self.sources[index] is None:
+                raise
+            return np.load(decode_once(*self.sources[index]))
 
     nbytes = 0  # held in memory: none (the jobs' memory accounting counts what a kept run holds)
 

@@ -91,7 +91,7 @@ def prepare_images(items, image_size: int, spec: models.BackboneSpec, *, callbac
             files.append(path)
             if callbacks is not None and (i % 16 == 0 or i == len(items) - 1):
                 callbacks.report(stage, (i + 1) / len(items), f"decoded {i + 1}/{len(items)} images")
-    decoded = DecodedImages(files)
+    decoded = DecodedImages(files, [(i.path, i.sha256, resize, spec.interpolation) for i in items])
     crops = crop_file(decoded, image_size) if files else np.zeros((0, image_size, image_size, 3), np.uint8)
     trim(keep=[*files, Path(getattr(crops, "filename", "") or ".")])
     return PreparedImages(decoded, crops, np.array([i.label for i in items], dtype=np.int64),

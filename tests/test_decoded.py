@@ -51,6 +51,10 @@ def test_decoded_images_load_on_index_and_subset_without_loading(photos, own_cac
     np.testing.assert_array_equal(images[2], np.load(files[2]))
     assert isinstance(images[1:4], DecodedImages) and images[1:4].files == files[1:4]
     assert images[np.array([5, 0])].files == [files[5], files[0]]
+    again = DecodedImages(files, [(p, sha256_file(p), 64, "bilinear") for p in photos])
+    expected = np.load(files[3])
+    files[3].unlink()  # trimmed from the cache meanwhile: decoded again from its source
+    np.testing.assert_array_equal(again[np.array([3])][0], expected)
 
 
 def test_crops_are_memory_mapped_exact_and_reused(photos, own_cache):
