@@ -378,6 +378,53 @@ def _predict_to_csv(args: argparse.Namespace, model: Path) -> int:
     return 1 if summary.errors else 0
 
 
+def add_features_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("features", help="a pretrained backbone's features for any number of images (.npy + .csv), "
+                                        "here or on Ray: the input of a head trained on a very large set")
+    p.add_argument("--input", action="append", required=True, metavar="DIR",
+                   help="a folder of images (searched recursively) or an image file; repeatable")
+    p.add_argument("--out", required=True, metavar="FEATURES.npy",
+                   help="float32 [images, features] (NaN rows for unreadable files); FEATURES.csv beside it lists "
+                        "each row's path and, for an unreadable file, why")
+    p.add_argument("--backbone", default=None, help="a registered backbone (`python -m core backbones`; default: "
+                                                    "the default backbone)")
+    p.add_argument("--image-size", type=positive_int, default=160, metavar="PX",
+                   help="the crop the backbone sees (default 160, what training uses on a CPU)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (this process, default) or ray (Ray Data actors; a cluster when RAY_ADDRESS is set)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default 64)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA provider when usable, else CPU")
+    p.set_defaults(func=cmd_features)
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    import models
+    from core.batch import BatchFeatures, find_images, run_local, run_ray, write_features
+    from export.onnx_export import cached_backbone_onnx  # builds the backbone's ONNX graph once (needs torch)
+
+    backbone = args.backbone or models.DEFAULT_BACKBONE
+    spec = models.get_backbone_spec(backbone)
+    size = args.image_size
+    try:
+        paths = find_images(args.input)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    if not paths:
+        raise UserError(f"no image files in {', '.join(args.input)}")
+    model = cached_backbone_onnx(backbone, size)
+    if args.engine == "ray":
+        rows = run_ray(BatchFeatures, model, paths, device=args.device, batch_size=args.batch_size)
+    else:
+        rows = run_local(BatchFeatures(model, device=args.device), paths, batch_size=args.batch_size)
+    start = time.perf_counter()
+    summary = write_features(rows, args.out, total=len(paths), dim=spec.feature_dim)
+    seconds = time.perf_counter() - start
+    print(f"wrote {summary.rows} x {spec.feature_dim} features ({backbone}, {size} px) to {summary.out} and its .csv "
+          f"in {seconds:.1f} s ({summary.rows / seconds:.1f} images/s, engine {args.engine}); {summary.errors} "
+          "file(s) could not be read", file=sys.stderr)
+    return 1 if summary.errors else 0
+
+
 def cmd_backbones(args: argparse.Namespace) -> int:
     import models
 
@@ -432,7 +479,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_datasets_parser, add_backbones_parser, add_compare_parser, add_train_parser, add_efficiency_parser,
     add_bench_parser,
-    add_predict_parser,
+    add_predict_parser, add_features_parser,
 ]
 
 

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from core.batch import COLUMNS, find_images, predict_local, write_csv
 from core.runtime.predictor import Predictor
@@ -39,10 +41,10 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, command: tuple[str, ...] = ("predict", "--model", str(MODEL))) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, "-m", "core", "predict", "--model", str(MODEL), *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "core", *command, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_find_images_walks_folders_and_names_a_missing_input(image_folder, tmp_path):
@@ -103,3 +105,34 @@ def test_ray_engine_gives_the_same_rows_in_the_same_order(image_folder, tmp_path
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "engine ray" in proc.stderr
     assert read_rows(ray_out) == read_rows(local)
+    feats_ray = tmp_path / "ray.npy"
+    proc = run_cli("--input", str(image_folder / "square"), "--out", str(feats_ray), "--engine", "ray",
+                   "--image-size", "96", command=("features",))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    feats_local = tmp_path / "local.npy"
+    assert run_cli("--input", str(image_folder / "square"), "--out", str(feats_local), "--image-size", "96",
+                   command=("features",)).returncode == 0
+    np.testing.assert_array_equal(np.load(feats_ray), np.load(feats_local))
+
+
+def test_features_cli_gives_the_training_features_with_nan_rows_for_unreadable_files(image_folder, tmp_path):
+    import models
+    from core.data import load_dataset
+    from core.features import extract_all, make_feature_extractor
+    from core.train import prepare_images
+
+    out = tmp_path / "feats.npy"
+    proc = run_cli("--input", str(image_folder / "circle"), "--input", str(image_folder / "broken.jpg"), "--out",
+                   str(out), "--image-size", "96", command=("features",))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    feats, table = np.load(out), read_rows(out.with_suffix(".csv"))
+    assert feats.shape == (81, 1280) and len(table) == 81
+    assert table[-1]["error"] and np.isnan(feats[-1]).all() and not np.isnan(feats[:-1]).any()
+    # The same images through the training route (decode, resize, centre crop, the cached backbone graph)
+    spec = models.get_backbone_spec(models.DEFAULT_BACKBONE)
+    items = [i for i in load_dataset(image_folder).items if i.path.parent.name == "circle"]
+    by_path = {str(i.path): n for n, i in enumerate(items)}
+    expected = extract_all(make_feature_extractor(models.DEFAULT_BACKBONE, 96, torch.device("cpu")),
+                           prepare_images(items, 96, spec).crops)
+    order = [by_path[r["path"]] for r in table[:-1]]
+    np.testing.assert_allclose(feats[:-1], expected[order], atol=1e-4)
