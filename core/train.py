@@ -35,7 +35,7 @@ from models.preprocess import ImagePreprocess
 from . import diagnostics, duplicates, shortcuts, stats
 from .config import TrainConfig
 from .data import Dataset
-from .decoded import DecodedImages, crop_file, decode_once, take, trim
+from .decoded import DecodedImages, crop_file, decode_once, release, take, trim
 from .device import resolve_device
 from .features import extract_all, make_feature_extractor, wait_for_warm_up
 from .metrics import classification_metrics, misclassified, verdict
@@ -427,9 +427,13 @@ class NetworkTrainer:
     def predict(self, images: np.ndarray) -> torch.Tensor:
         self.model.eval()
         step = self.cfg.batch_size * 2
+        out = []
         with torch.inference_mode():
-            return torch.cat([self._forward(torch.from_numpy(images[i : i + step])).cpu()
-                              for i in range(0, len(images), step)])
+            for i in range(0, len(images), step):
+                batch = images[i : i + step]
+                out.append(self._forward(torch.from_numpy(batch)).cpu())
+                release(batch)  # a memory-mapped crop file: keep one batch resident
+        return torch.cat(out)
 
     def _weights(self) -> dict:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
