@@ -112,8 +112,8 @@ def example_images(folder: str | os.PathLike[str] | None) -> list[str]:
 # The served model's host may have ~512 MB (Deta Space): a 25 MP PNG decodes to ~75 MB. JPEGs count at their
 # reduced decode scale, so phone photos of any size pass.
 MAX_IMAGE_PIXELS = 25_000_000
-NAME_CHARS = 40  # file names in the table are cut to this, so a long name cannot push the answer off a phone
-TABLE_COLUMNS = ["image", "prediction", "probability"]
+NAME_CHARS = 24  # file names in the table are cut to this, so a long name cannot push the answer off a phone
+TABLE_COLUMNS = ["image", "answer", "sure"]  # short headers: four columns fit a phone
 
 # After a prediction the answer sits below the input (far below on a phone): bring it into view.
 SCROLL_TO_ANSWER = """() => {
@@ -151,11 +151,13 @@ def describe_model(predictor: Predictor) -> str:
 def model_details(predictor: Predictor, name: str) -> str:
     """The model's details, for the folded settings: what it is and what runs it, each in a few words."""
     info = predictor.info
-    return (f"**{text.md(name)}**: a {text.md(info.backbone or 'neural network')} network fine-tuned on "
-            f"{info.image_size}x{info.image_size} pixel crops, stored as {text.md(info.variant or 'fp32').upper()} "
-            f"({'8-bit integers: smaller and often faster on a CPU' if info.variant == 'int8' else 'full precision'})."
-            f" It runs on onnxruntime's **{text.md(predictor.provider)}** "
-            f"({'the GPU' if predictor.provider != 'CPUExecutionProvider' else 'the CPU'}).")
+    stored = ("INT8 (8-bit numbers: smaller, and often faster on a CPU)" if info.variant == "int8"
+              else f"{text.md((info.variant or 'fp32').upper())} (full precision)")
+    where = "this server's GPU" if predictor.provider != "CPUExecutionProvider" else "this server's CPU"
+    return (f"**{text.md(name)}** is an image classifier fine-tuned from {text.md(info.backbone or 'a network')} (a "
+            f"network pretrained on ImageNet photos); it looks at a {info.image_size}x{info.image_size}-pixel square "
+            f"from the middle of each picture and is stored as {stored}. It runs on {where} with onnxruntime "
+            f"({text.md(predictor.provider)}).")
 
 
 def _upload_path(file: Any) -> Path | None:
@@ -190,6 +192,18 @@ def build_serving_app(predictor: Predictor, model_name: str, examples: list[str]
     they are classified (the answer shown is the first file's); without, the image."""
     k_max = min(MAX_TOP_K, len(predictor.classes))
 
+    def classified(named: list[tuple[str, Any]], top_k: float) -> tuple:
+        k = int(min(max(top_k or 1, 1), k_max))
+        try:
+            images = load_images(named, predictor, max_image_pixels=MAX_IMAGE_PIXELS)
+            label, info, table, looked = classify(predictor, images, model_name, top_k=k)
+        except Exception as exc:  # noqa: BLE001 - sorted by _error
+            raise _error(exc) from None
+        table = table.rename(columns={"prediction": "answer", "probability": "sure"})
+        table["sure"] = [f"{p:.0%}" for p in table["sure"]]
+        shown = [c for c in ["image", "answer", "sure", "fits a class?"] if c in table.columns]
+        return label, info, table[shown], looked
+
     def predict(image: Any, files: Any, top_k: float) -> tuple:
         file_list = files if isinstance(files, list | tuple) else ([files] if files else [])
         if file_list:
@@ -204,14 +218,14 @@ def build_serving_app(predictor: Predictor, model_name: str, examples: list[str]
             named = [("image", image)]
         if not named:
             raise gr.Error("Upload an image (or paste one / use the webcam) to classify.", title="No image")
-        k = int(min(max(top_k or 1, 1), k_max))
-        try:
-            images = load_images(named, predictor, max_image_pixels=MAX_IMAGE_PIXELS)
-            label, info, table, looked = classify(predictor, images, model_name, top_k=k)
-        except Exception as exc:  # noqa: BLE001 - sorted by _error
-            raise _error(exc) from None
-        return label, info, table[[c for c in [*TABLE_COLUMNS[:2], "fits a class?", TABLE_COLUMNS[2]]
-                                   if c in table.columns]], looked
+        return classified(named, top_k)
+
+    def predict_example(top_k: float, event: gr.SelectData) -> tuple:
+        """An example clicked: classified, and shown in the image box (by index: only the operator's files)."""
+        if not isinstance(event.index, int) or not 0 <= event.index < len(examples or []):
+            raise gr.Error("Pick one of the examples shown.", title="No image")
+        path = Path(examples[event.index])
+        return (*classified([(_short(path.name), path)], top_k), str(path))
 
     def cleared() -> tuple:  # a new request starts from an empty answer, so an error never sits on an old one
         return None, "", None, None
@@ -224,9 +238,9 @@ def build_serving_app(predictor: Predictor, model_name: str, examples: list[str]
                                           sources=["upload", "webcam", "clipboard"], height=280,
                                           elem_id="serve-image")
                 predict_btn = gr.Button("🔎 Predict", variant="primary", elem_id="serve-predict")
-                if examples:
-                    example_box = gr.Examples(examples, inputs=image_in, label="…or try one of these",
-                                              examples_per_page=MAX_EXAMPLES, api_visibility="private")
+                if examples:  # a gallery, not gr.Examples: that one restyles the image box and drops its handling
+                    example_box = gr.Gallery(examples, label="…or click one of these", columns=6, height=120,
+                                             allow_preview=False, object_fit="contain", elem_id="serve-examples")
                 with gr.Accordion("Classify several images at once", open=False):
                     files_in = gr.File(label="Images (each gets a row in the table)", file_count="multiple",
                                        file_types=["image"], type="filepath", elem_id="serve-files")
@@ -256,7 +270,9 @@ def build_serving_app(predictor: Predictor, model_name: str, examples: list[str]
         wire(image_in.upload)
         wire(files_in.upload)
         if examples:
-            wire(example_box.load_input_event.success)
+            example_box.select(cleared, None, outputs, queue=False, api_visibility="private").then(
+                predict_example, [top_k], [*outputs, image_in], api_visibility="private",
+                concurrency_limit=2).success(None, js=SCROLL_TO_ANSWER)
     return demo
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from core.runtime.predictor import Predictor
 from core.serve_view import default_port, serving_model
-from tests.helpers import free_port
+from tests.helpers import free_port, stop_app
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKED = ("torch", "torchvision", "onnx", "models", "export", "sklearn", "matplotlib")
@@ -109,12 +109,8 @@ def deployed(tmp_path_factory: pytest.TempPathFactory):
                 time.sleep(0.5)
         yield url, app_dir, log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        out.close()
+        proc.log_file = out
+        stop_app(proc)  # and closes the log
 
 
 def test_deployed_micro_classifies_through_its_api_without_torch(deployed):
@@ -132,7 +128,7 @@ def test_deployed_micro_classifies_through_its_api_without_torch(deployed):
     got = {c["label"]: c["confidence"] for c in label["confidences"]}
     assert got == pytest.approx({t["label"]: t["probability"] for t in expected["top_k"]}, abs=1e-5)
     assert "CPUExecutionProvider" in info and "ms" in info  # says which provider ran, and how long it took
-    assert table["headers"] == ["image", "prediction", "fits a class?", "probability"]
+    assert table["headers"] == ["image", "answer", "sure", "fits a class?"]
     assert table["data"][0][:2] == ["triangle.png", "triangle"]
 
 
