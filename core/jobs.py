@@ -264,8 +264,12 @@ class KeptRuns:
     def footprint(result: Any) -> int:
         """Bytes a kept run holds, roughly: its decoded images and crops, its models, and the scratch optimizer's
         two moments per weight."""
-        images = sum(0 if isinstance(a, np.memmap) else a.nbytes  # on disk (core.decoded): not held in memory
-                     for part in (result.train, result.val, result.test) if part is not None
+        def held(images: Any) -> int:  # a memory-mapped file or core.decoded's images: on disk, nothing held
+            if isinstance(images, np.memmap):
+                return 0
+            return sum(a.nbytes for a in images) if isinstance(images, list) else int(images.nbytes)
+
+        images = sum(held(a) for part in (result.train, result.val, result.test) if part is not None
                      for a in (part.resized, part.crops))
         weights = sum(p.numel() * p.element_size() for run in result.runs.values() for p in run.model.parameters())
         trainer = result.runs["scratch"].trainer

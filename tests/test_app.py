@@ -401,7 +401,8 @@ def test_more_time_says_why_a_run_cannot_go_on_and_a_cancelled_one_stops_there(a
         next(app.more_time(state))
 
 
-def test_kept_runs_are_bounded_and_only_runs_that_can_go_on_are_kept():
+def test_kept_runs_are_bounded_and_only_runs_that_can_go_on_are_kept(tmp_path):
+    from core.decoded import DecodedImages
     from core.jobs import KeptRuns
 
     def result(can_go_on=True, repeats=1, images=1000):
@@ -412,6 +413,10 @@ def test_kept_runs_are_bounded_and_only_runs_that_can_go_on_are_kept():
                                cfg=SimpleNamespace(repeats=repeats, epochs=3), train=part, val=part, test=None)
 
     assert KeptRuns.footprint(result()) == 2 * 1000 + 44 + 3 * 44
+    on_disk = result()
+    on_disk.train = on_disk.val = SimpleNamespace(resized=DecodedImages([Path("a.npy")]),
+                                                  crops=np.memmap(tmp_path / "crops", np.uint8, "w+", shape=(9,)))
+    assert KeptRuns.footprint(on_disk) == 44 + 3 * 44  # images that live on disk (core.decoded) hold no memory
     kept = KeptRuns(capacity=2, max_bytes=5000)
     assert not kept.keep("huge", "run-h", result(images=3000))  # alone over the memory cap
     assert kept.keep("a", "run-a", result(images=1000)) and kept.keep("b", "run-b", result(images=1000))
