@@ -257,8 +257,10 @@ def build_serving_app(predictor: Predictor, model_name: str, examples: list[str]
                 info_out = gr.Markdown(label="details", elem_id="serve-info")
                 looked = gr.Image(label="Where it looked", type="numpy", format="png", interactive=False, height=240,
                                   visible=predictor.explains, elem_id="serve-looked")
-                table = gr.Dataframe(headers=TABLE_COLUMNS, label="All images", interactive=False, wrap=True,
-                                     elem_id="serve-table")
+                headers = [*TABLE_COLUMNS, *(["fits a class?"] if predictor.explains else [])]
+                table = gr.Dataframe(headers=headers, label="All images", interactive=False, wrap=True,
+                                     column_widths=["34%", "26%", "16%", "24%"] if predictor.explains else None,
+                                     elem_id="serve-table")  # widths that fit a phone's 326 px
         inputs, outputs = [image_in, files_in, top_k], [label_out, info_out, table, looked]
 
         def wire(trigger: Any, api_name: str | None = None) -> None:
@@ -270,9 +272,8 @@ def build_serving_app(predictor: Predictor, model_name: str, examples: list[str]
         wire(image_in.upload)
         wire(files_in.upload)
         if examples:
-            example_box.select(cleared, None, outputs, queue=False, api_visibility="private").then(
-                predict_example, [top_k], [*outputs, image_in], api_visibility="private",
-                concurrency_limit=2).success(None, js=SCROLL_TO_ANSWER)
+            example_box.select(predict_example, [top_k], [*outputs, image_in], api_visibility="private",
+                               concurrency_limit=2).success(None, js=SCROLL_TO_ANSWER)  # select data: on this event
     return demo
 
 

@@ -286,6 +286,7 @@ def test_a_session_over_its_disk_quota_is_refused_clearly(small_quota_server, tm
     assert "2 classes" in out[0]
     big = colour_zip(tmp_path / "big.zip", per_class=40, size=128)  # ~4 MB of noisy PNGs
     assert big.stat().st_size > 1024**2
+    time.sleep(1.0)  # past the queue limit's 0.5 s window, so the refusal below can only be the quota's
     with pytest.raises(AppError, match="1 MB a session may store") as refused:
         visitor.predict(handle_file(str(big)), api_name="/load_zip")
     assert str(root) not in str(refused.value)
