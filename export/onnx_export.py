@@ -69,8 +69,8 @@ def _parity_images(image_size: int, extra: np.ndarray | None) -> np.ndarray:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (PARITY_RANDOM_IMAGES, image_size, image_size, 3), dtype=np.uint8)
     if extra is not None and len(extra):
-        extra = check_batch(extra, image_size, what="parity images")
-        images = np.concatenate([extra[:PARITY_MAX_IMAGES], images])
+        extra = check_batch(extra[:PARITY_MAX_IMAGES], image_size, what="parity images")  # slice first: no copy of all
+        images = np.concatenate([extra, images])
     return images
 
 
