@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import sys
 
-from core.serve_view import add_launch_options, default_port, serving_model, uploaded_image  # torch-free
+from core.serve_view import (  # torch-free
+    add_launch_options,
+    default_port,
+    serving_model,
+    upload_name,
+    upload_path,
+    uploaded_image,
+)
 
 if __name__ == "__main__" and serving_model(sys.argv[1:]):
     # `python app.py --model MODEL.onnx` (or env TRANSFER_LAB_MODEL): one model's Predict page. Dispatched before the
@@ -183,22 +190,6 @@ def _errors_shown_as(title: str, state: dict | None = None, hint: str = "") -> I
         raise _error(exc, title, state, hint) from None
 
 
-def _upload_path(file: Any) -> Path | None:
-    """The server-side path of a Gradio upload (a path string or a FileData-like object), or None."""
-    if isinstance(file, list | tuple):
-        file = file[0] if file else None
-    if file is None:
-        return None
-    path = Path(str(getattr(file, "path", None) or getattr(file, "name", None) or file))
-    if not path.is_file() or path.is_symlink():
-        raise _fail("The uploaded file could not be read; please upload it again.")
-    return path
-
-
-def _upload_name(file: Any, path: Path) -> str:
-    return Path(getattr(file, "orig_name", None) or path.name).name
-
-
 # -------- Per-session queue limits -----------------------------------------------------------------------------
 
 LIMITS: dict[str, Any] = {"max_budget": MAX_BUDGET_S, "demo": None}  # set by build_app
@@ -285,10 +276,10 @@ def load_zip(file: Any, state: dict | None, request: gr.Request = None) -> tuple
     """Load an uploaded .zip of class folders (copied into the session folder first). Outputs: ``DATA_OUTPUTS``."""
     state = _state(state, request)
     SESSIONS.sweep()
-    src = _upload_path(file)
+    src = upload_path(file)
     if src is None:
         raise _fail("No file was uploaded.")
-    name = _upload_name(file, src)
+    name = upload_name(file, src)
     with _errors_shown_as("Cannot use this dataset", state):
         ds = SESSIONS.load_zip(state, src, name)
     return _loaded(state, f"upload {name}", ds)
@@ -502,11 +493,11 @@ def update_threshold(state: dict | None, positive: str, threshold: float) -> tup
 def upload_model(file: Any, state: dict | None) -> tuple:
     """Copy an uploaded .onnx into the session folder and check it loads. Outputs: state, model_choice, info."""
     state = _state(state)
-    src = _upload_path(file)
+    src = upload_path(file)
     if src is None:
         return state, gr.skip(), gr.skip()
     with _errors_shown_as("Not a usable model", state):
-        info = SESSIONS.store_model(state, src, _upload_name(file, src))
+        info = SESSIONS.store_model(state, src, upload_name(file, src))
     choice = gr.update(choices=SESSIONS.model_choices(state), value=UPLOADED_MODEL)
     return state, choice, model_description(Path(state["uploaded_model"]).name, info)
 
@@ -518,8 +509,8 @@ def predict(state: dict | None, model_choice: str | None, image: Any, files: Any
     path = _model_for(state, model_choice)
     file_list = files if isinstance(files, list | tuple) else ([files] if files else [])
     # The Image component gives a file path (so the file is decoded here, bounded); Python callers may pass a PIL image.
-    named = [] if image is None else [("image", _upload_path(image) if isinstance(image, str | os.PathLike) else image)]
-    named += [(_upload_name(f, p), p) for f in file_list if (p := _upload_path(f)) is not None]
+    named = [] if image is None else [("image", upload_path(image) if isinstance(image, str | os.PathLike) else image)]
+    named += [(upload_name(f, p), p) for f in file_list if (p := upload_path(f)) is not None]
     if not named:
         raise _fail("Upload an image (or paste one / use the webcam) to classify.", title="No image")
     return _classify(state, model_choice, path, named)

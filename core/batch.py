@@ -27,7 +27,6 @@ from core.runtime.images import ImageDecodeError, is_image_file, open_rgb
 from core.runtime.predictor import OnnxFeatureExtractor, Predictor, prepare_image
 
 COLUMNS = ("path", "label", "probability", "top_k", "error")
-ENGINES = ("local", "ray")
 BATCH_SIZE = 64  # files decoded and classified together: ~64 x 0.3 MB of prepared pixels, plus one decode
 MAX_PIXELS = 100_000_000  # per file, as decoded (JPEGs at their reduced draft scale): bigger ones get an error row
 DIGITS = 6  # probabilities in the CSV: enough to rank, and equal between engines that batch differently

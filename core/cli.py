@@ -20,6 +20,8 @@ from core.runtime.devices import DEVICES, VARIANT_CHOICES
 from core.runtime.errors import USER_ERRORS, UserError
 from core.samples import SAMPLES
 
+ENGINES = ("local", "ray")  # where core.batch runs a batch job: this process, or Ray Data
+
 # Errors caused by user input (core.runtime.errors) are printed as "error: <message>" with this exit code and no
 # traceback; anything else is a bug and keeps its traceback.
 EXIT_USER_ERROR = 2
@@ -314,7 +316,7 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="PREDS.csv",
                    help="write one CSV row per image (path, label, probability, top_k as JSON, error) with a "
                         "progress bar, instead of JSON lines; unreadable files get a row with the reason")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
+    p.add_argument("--engine", choices=ENGINES, default="local",
                    help="with --out: local (this process, default) or ray (Ray Data, one onnxruntime session per "
                         "actor; a cluster when RAY_ADDRESS is set, else Ray on this machine)")
     p.add_argument("--batch-size", type=positive_int, default=64,
@@ -390,7 +392,7 @@ def add_features_parser(sub: argparse._SubParsersAction) -> None:
                                                     "the default backbone)")
     p.add_argument("--image-size", type=positive_int, default=160, metavar="PX",
                    help="the crop the backbone sees (default 160, what training uses on a CPU)")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
+    p.add_argument("--engine", choices=ENGINES, default="local",
                    help="local (this process, default) or ray (Ray Data actors; a cluster when RAY_ADDRESS is set)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default 64)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA provider when usable, else CPU")

@@ -14,7 +14,7 @@ import ctypes
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -87,22 +87,29 @@ def _crop_key(files: Sequence[Path], size: int) -> str:
     return digest.hexdigest()[:32]
 
 
-def crop_file(images: DecodedImages, size: int) -> np.memmap:
-    """The centre ``size`` crops of ``images`` as one memory-mapped uint8 array ``[N, size, size, 3]``, built once
-    per image set and size (copy-on-write: a caller may write to it without touching the file)."""
-    target = _folder("crops") / f"{_crop_key(images.files, size)}-{len(images)}x{size}.npy"
+def _memmapped(target: Path, shape: tuple[int, ...], chunk: Callable[[int, int], np.ndarray]) -> np.memmap:
+    """``target`` as a copy-on-write memory map (a caller may write to it without touching the file), first built
+    atomically from ``chunk(lo, hi)``, ``CROP_CHUNK`` rows at a time, if it is missing."""
     if not target.is_file():
         def write(tmp: Path) -> None:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), size, size, 3))
-            for lo in range(0, len(images), CROP_CHUNK):
-                hi = min(lo + CROP_CHUNK, len(images))
-                out[lo:hi] = np.stack([center_crop(images[i], size) for i in range(lo, hi)])
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            for lo in range(0, shape[0], CROP_CHUNK):
+                hi = min(lo + CROP_CHUNK, shape[0])
+                out[lo:hi] = chunk(lo, hi)
                 release(out[lo:hi])
             out.flush()
             del out
 
         atomic_write(target, write)
     return np.load(target, mmap_mode="c")
+
+
+def crop_file(images: DecodedImages, size: int) -> np.memmap:
+    """The centre ``size`` crops of ``images`` as one memory-mapped uint8 array ``[N, size, size, 3]``, built once
+    per image set and size."""
+    target = _folder("crops") / f"{_crop_key(images.files, size)}-{len(images)}x{size}.npy"
+    return _memmapped(target, (len(images), size, size, 3),
+                      lambda lo, hi: np.stack([center_crop(images[i], size) for i in range(lo, hi)]))
 
 
 def take(crops: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -112,17 +119,7 @@ def take(crops: np.ndarray, index: np.ndarray) -> np.ndarray:
     index = np.asarray(index)
     digest = hashlib.sha256(index.astype(np.int64).tobytes()).hexdigest()[:16]
     target = Path(crops.filename).with_name(f"{Path(crops.filename).stem}-take-{digest}.npy")
-    if not target.is_file():
-        def write(tmp: Path) -> None:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=crops.dtype, shape=(len(index), *crops.shape[1:]))
-            for lo in range(0, len(index), CROP_CHUNK):
-                out[lo:lo + CROP_CHUNK] = crops[index[lo:lo + CROP_CHUNK]]
-                release(out[lo:lo + CROP_CHUNK])
-            out.flush()
-            del out
-
-        atomic_write(target, write)
-    return np.load(target, mmap_mode="c")
+    return _memmapped(target, (len(index), *crops.shape[1:]), lambda lo, hi: crops[index[lo:hi]])
 
 
 _MADV_DONTNEED = 4

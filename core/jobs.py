@@ -264,10 +264,8 @@ class KeptRuns:
     def footprint(result: Any) -> int:
         """Bytes a kept run holds, roughly: its decoded images and crops, its models, and the scratch optimizer's
         two moments per weight."""
-        def held(images: Any) -> int:  # a memory-mapped file or core.decoded's images: on disk, nothing held
-            if isinstance(images, np.memmap):
-                return 0
-            return sum(a.nbytes for a in images) if isinstance(images, list) else int(images.nbytes)
+        def held(images: Any) -> int:  # a memory-mapped file, or core.decoded's images (nbytes 0): on disk
+            return 0 if isinstance(images, np.memmap) else int(images.nbytes)
 
         images = sum(held(a) for part in (result.train, result.val, result.test) if part is not None
                      for a in (part.resized, part.crops))

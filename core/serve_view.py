@@ -160,14 +160,22 @@ def model_details(predictor: Predictor, name: str) -> str:
             f"({text.md(predictor.provider)}).")
 
 
-def _upload_path(file: Any) -> Path | None:
-    """The server-side path of a Gradio upload (a path string or a FileData-like object), or None."""
+def upload_path(file: Any) -> Path | None:
+    """The server-side path of a Gradio upload (a path string or a FileData-like object; the first of a list), or
+    None. Raises ``gr.Error`` when the file is gone or a link."""
+    if isinstance(file, list | tuple):
+        file = file[0] if file else None
     if file is None:
         return None
     path = Path(str(getattr(file, "path", None) or getattr(file, "name", None) or file))
     if not path.is_file() or path.is_symlink():
         raise gr.Error("The uploaded file could not be read; please upload it again.", title="Cannot read the image")
     return path
+
+
+def upload_name(file: Any, path: Path) -> str:
+    """The name the visitor's file had (a bare name, never a server path)."""
+    return Path(getattr(file, "orig_name", None) or path.name).name
 
 
 def _short(name: str) -> str:
@@ -207,12 +215,11 @@ def build_serving_app(predictor: Predictor, model_name: str, examples: list[str]
     def predict(image: Any, files: Any, top_k: float) -> tuple:
         file_list = files if isinstance(files, list | tuple) else ([files] if files else [])
         if file_list:
-            named = [(_short(Path(getattr(f, "orig_name", None) or p.name).name), p)
-                     for f in file_list if (p := _upload_path(f)) is not None]
+            named = [(_short(upload_name(f, p)), p) for f in file_list if (p := upload_path(f)) is not None]
         elif image is None:
             named = []
         elif isinstance(image, str | os.PathLike):
-            path = _upload_path(image)
+            path = upload_path(image)
             named = [(_short(path.name), path)]
         else:  # a Python caller's decoded image
             named = [("image", image)]

@@ -408,7 +408,7 @@ def test_kept_runs_are_bounded_and_only_runs_that_can_go_on_are_kept(tmp_path):
     def result(can_go_on=True, repeats=1, images=1000):
         weights = torch.nn.Linear(10, 1)  # 11 float32 weights: 44 bytes, and 3x that in the trainer
         trainer = SimpleNamespace(can_continue=can_go_on, model=weights)
-        part = SimpleNamespace(resized=[np.zeros(images, np.uint8)], crops=np.zeros(0, np.uint8))
+        part = SimpleNamespace(resized=np.zeros(images, np.uint8), crops=np.zeros(0, np.uint8))
         return SimpleNamespace(runs={"scratch": SimpleNamespace(trainer=trainer, model=weights)},
                                cfg=SimpleNamespace(repeats=repeats, epochs=3), train=part, val=part, test=None)
 
