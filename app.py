@@ -72,6 +72,7 @@ from core.jobs import (
     KeptRuns,
     Progress,
     TrainingJob,
+    VariantsReady,
     epoch_line,
     live_runs,
     status_line,
@@ -401,7 +402,8 @@ def more_seconds(cfg: TrainConfig) -> float:
 
 def _stream(state: dict, job: TrainingJob, log_lines: list[str], first: dict) -> Iterator[tuple]:
     """Run ``job`` and stream it into ``TRAIN_OUTPUTS``: ``first`` at once, then the status, log and live curves,
-    then every result (a kept run, when its scratch arm can go on)."""
+    then every result (a kept run, when its scratch arm can go on) with the verified FP32 model, and last the
+    smaller variants once they are built and checked (Train stays off until then: they are written into the run)."""
     cfg = job.cfg
     with SESSIONS.busy(state["sid"]), closing(job.events()) as events:
         yield _out(TRAIN_OUTPUTS, state=state, log="\n".join(log_lines), live_box=gr.update(visible=True),
@@ -414,6 +416,11 @@ def _stream(state: dict, job: TrainingJob, log_lines: list[str], first: dict) ->
                 curves = plots.detached(plots.learning_curves, live_runs(event.history, cfg.target_accuracy),
                                         cfg.target_accuracy)
                 yield _out(TRAIN_OUTPUTS, log="\n".join(log_lines), curves=curves)
+            elif isinstance(event, Finished):
+                finished = event
+                yield _finished(state, finished, log_lines, cfg)
+            elif isinstance(event, VariantsReady):  # add_run_variants updated the finished run's report
+                yield _variants_ready(state, finished.result.report if event.export else None, event.error)
     if isinstance(event, Cancelled):
         state["cancel"] = threading.Event()
         again = "🛑 Training cancelled. Change the settings and train again."
@@ -426,16 +433,38 @@ def _stream(state: dict, job: TrainingJob, log_lines: list[str], first: dict) ->
         return
     if isinstance(event, Failed):
         raise _error(event.error, "Training failed", state, "Try a smaller image size or fewer epochs.")
-    finished: Finished = event
+
+
+def _finished(state: dict, finished: Finished, log_lines: list[str], cfg: TrainConfig) -> tuple:
+    """Every result of a finished run, its FP32 model offered; while its variants are still being built, Train and
+    Cancel stay off and the status says so."""
     state["run_dir"] = str(finished.run_dir)
     SESSIONS.prune_runs(finished.run_dir.parent)
     views = results_views(finished.result.report, finished.result, finished.run_dir, state)
     kept = KEPT.keep(state["sid"], finished.run_dir, finished.result)
     state["continuable"] = None if kept else KEPT.why_not(finished.result) or "it is too large to keep in memory"
     log_lines.append(f"finished in {finished.elapsed:.1f} s; files in the Export tab")
-    yield _out(TRAIN_OUTPUTS, state=state, log="\n".join(log_lines), **views, **_IDLE,
-               results_box=gr.update(visible=True), more_box=gr.update(visible=kept),
-               more_md=summary.more_time_text(finished.result.report, more_seconds(cfg)) if kept else "")
+    buttons = _IDLE
+    if finished.variants_pending:
+        views["status"] += (" `model.onnx` is ready in the Export tab; its smaller copy is being built and checked "
+                            "(a few seconds).")
+        buttons = dict(train_btn=gr.update(interactive=False), cancel_btn=gr.update(interactive=False))
+    return _out(TRAIN_OUTPUTS, state=state, log="\n".join(log_lines), **views, **buttons,
+                results_box=gr.update(visible=True), more_box=gr.update(visible=kept),
+                more_md=summary.more_time_text(finished.result.report, more_seconds(cfg)) if kept else "")
+
+
+def _variants_ready(state: dict, report: dict | None, error: str | None) -> tuple:
+    """The Export and Predict tabs once the variants are built (or the reason they were not), and Train back on."""
+    run_dir = Path(state["run_dir"])
+    if report is None:
+        return _out(TRAIN_OUTPUTS, status="✅ Done. The smaller copies of the model could not be built: "
+                    f"{summary.md(SESSIONS.clean(error or 'unknown reason', state))}. `model.onnx` is unaffected.",
+                    **_IDLE)
+    choices = SESSIONS.model_choices(state)
+    return _out(TRAIN_OUTPUTS, status=f"✅ Done: trained at {report['image_size']} px; the model and its checked "
+                "copies are in the Export tab.", **export_views(report, run_dir, state), **_IDLE,
+                model_choice=gr.update(choices=choices, value=choices[0][1] if choices else None))
 
 
 def results_views(report: dict, result, run_dir: Path, state: dict) -> dict[str, Any]:

@@ -5,7 +5,10 @@ A front end iterates ``TrainingJob.events()`` and turns each event into its own 
 - ``Progress``: where the run is, as one overall fraction (the stages weighted by ``STAGES``), at most about
   once per ``progress_interval`` seconds;
 - ``Epoch``: one arm finished an epoch (``record`` as ``core.train`` logs it, ``history`` every epoch so far);
-- then exactly one of ``Finished`` (result and written files), ``Failed`` (the exception) or ``Cancelled``.
+- then exactly one of ``Finished`` (result and written files), ``Failed`` (the exception) or ``Cancelled``;
+- after a ``Finished`` whose ``variants_pending`` is true, one ``VariantsReady``: the run was written and offered
+  with its verified FP32 model first, and its smaller variants were built and checked after it
+  (``core.report.add_run_variants``).
 
 Cancel with ``job.cancel()`` (or the ``threading.Event`` passed in): the worker stops between batches. Closing the
 generator early (the visitor left) cancels too. A run that fails or is cancelled leaves no run folder.
@@ -13,6 +16,7 @@ generator early (the visitor left) cancels too. A run that fails or is cancelled
 
 from __future__ import annotations
 
+import logging
 import queue
 import shutil
 import threading
@@ -27,6 +31,8 @@ import numpy as np
 
 from core.config import TrainConfig
 from core.data import Dataset
+
+log = logging.getLogger(__name__)
 
 # (scratch arm?, backbone blocks fine-tuned?) -> stage -> (start, end) on the overall progress bar. Measured on
 # CPU: frozen features are cheap next to a scratch arm; fine-tuning blocks costs about as much as scratch.
@@ -94,6 +100,13 @@ class Finished:
     result: Any  # core.train.CompareResult
     run_dir: Path
     elapsed: float
+    variants_pending: bool = False  # a VariantsReady follows
+
+
+@dataclass(frozen=True)
+class VariantsReady:
+    export: dict  # the run's export section with its variants (empty if building them failed)
+    error: str | None = None  # why they could not be built, in words
 
 
 @dataclass(frozen=True)
@@ -106,7 +119,7 @@ class Cancelled:
     pass
 
 
-Event = Progress | Epoch | Finished | Failed | Cancelled
+Event = Progress | Epoch | Finished | VariantsReady | Failed | Cancelled
 
 
 def overall_fraction(stage: str, fraction: float, *, scratch: bool = True, unfreeze: bool = False,
@@ -153,7 +166,7 @@ class TrainingJob:
         self.cancel_event.set()
 
     def _work(self) -> None:
-        from core.report import write_run
+        from core.report import add_run_variants, write_run
         from core.train import Callbacks, TrainingCancelled, continue_arm, run_compare
 
         put = self._queue.put
@@ -163,7 +176,7 @@ class TrainingJob:
         try:
             if self.resume is None:
                 result = run_compare(self.dataset, self.cfg, callbacks)
-                write_run(result, self.run_dir, export=True, on_step=on_step, explain=True)
+                write_run(result, self.run_dir, export=True, on_step=on_step, explain=True, defer_variants=True)
             else:
                 result = continue_arm(self.resume, self.more_seconds, callbacks)
                 write_run(result, self.run_dir, export=True, on_step=on_step, keep_export_of=self.resume.report,
@@ -173,10 +186,18 @@ class TrainingJob:
             if self.resume is None:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             put(("cancelled",))
+            return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer as Failed
             if self.resume is None:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             put(("failed", exc))
+            return
+        if "variants_pending" in (result.report.get("export") or {}):
+            try:  # the model is offered already: a variant that cannot be built is reported, never a failed run
+                put(("variants", add_run_variants(result, self.run_dir), None))
+            except Exception as exc:  # noqa: BLE001 - shown as words beside the FP32 model
+                log.warning("building the variants failed", exc_info=True)
+                put(("variants", {}, f"{type(exc).__name__}: {exc}"))
 
     def history(self) -> dict[str, list[dict]]:
         """Every epoch record so far by arm: the resumed run's, or none."""
@@ -233,7 +254,13 @@ class TrainingJob:
                     yield Epoch(arm, record, {a: list(h) for a, h in history.items()})
                     last = now
                 elif kind == "finished":
-                    yield Finished(item[1], self.run_dir, now - start)
+                    pending, current = None, None  # progress from before the results is out of date now
+                    more = "variants_pending" in (item[1].report.get("export") or {})
+                    yield Finished(item[1], self.run_dir, now - start, more)
+                    if not more:
+                        return
+                elif kind == "variants":
+                    yield VariantsReady(item[1], item[2])
                     return
                 elif kind == "failed":
                     yield Failed(item[1])

@@ -9,6 +9,7 @@ this project writes into a run folder (``run_file_names``) that this run did not
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -44,12 +45,14 @@ def run_file_names() -> frozenset[str]:
 
 def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool = True,
               on_step: Callable[[float, str], None] | None = None, keep_export_of: dict | None = None,
-              explain: bool = False) -> dict:
+              explain: bool = False, defer_variants: bool = False) -> dict:
     """Write every artifact of a compare run into ``out_dir``; returns ``{name: path}``. ``on_step(fraction,
     words)``: told as each export step starts. ``keep_export_of``: the report already in ``out_dir`` of a run whose
     pretrained arm this result shares (``core.train.continue_arm``): its exported files and report section are kept
     instead of exporting the same model again. ``explain``: the exported model also outputs class activation maps
-    and the "fits no class" score (``models.explain``); the app shows both, so it exports with them."""
+    and the "fits no class" score (``models.explain``); the app shows both, so it exports with them.
+    ``defer_variants``: write the run with its verified FP32 model only, for ``add_run_variants`` to add the
+    variants to afterwards (the app offers the model while they are built)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
@@ -71,7 +74,7 @@ def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool
         if export and keep_export_of and keep_export_of.get("export"):
             report["export"] = _keep_export(keep_export_of, out, staging)
         elif export and "pretrained" in result.runs:
-            report["export"] = _export(result, staging, on_step, explain)
+            report["export"] = _export(result, staging, on_step, explain, defer_variants)
         names = sorted({p.name for p in staging.iterdir()} | {REPORT})
         report["artifacts"]["files"] = names
         write_json_atomic(staging / REPORT, report)
@@ -104,15 +107,19 @@ def _keep_export(earlier: dict, out: Path, staging: Path) -> dict:
 
 
 def _export(result: CompareResult, staging: Path, on_step: Callable[[float, str], None] | None = None,
-            explain: bool = False) -> dict:
-    """ONNX export of the pretrained arm, verified against PyTorch: a failed parity check raises, so the run's
-    files are not moved into place (the folder keeps its earlier artifacts)."""
+            explain: bool = False, defer_variants: bool = False) -> dict:
+    """ONNX export of the pretrained arm, verified: a failed parity check raises, so the run's files are not moved
+    into place (the folder keeps its earlier artifacts). A frozen backbone whose features came from the cached
+    backbone graph is composed from that graph (``export.runs.export_run``), else the network is traced."""
     from export.runs import export_run
     report = result.report
     run = report["runs"]["pretrained"]
+    arm = result.runs["pretrained"]
+    features = arm.extra.get("features")
+    composable = features is not None and str(arm.extra.get("feature_engine", "")).startswith("onnxruntime")
     return export_run(
         staging,
-        result.runs["pretrained"].model,
+        arm.model,
         classes=report["dataset"]["classes"],
         backbone=report["backbone"],
         image_size=report["image_size"],
@@ -123,5 +130,28 @@ def _export(result: CompareResult, staging: Path, on_step: Callable[[float, str]
         val_labels=result.val.labels,
         calib_images_uint8=result.train.crops,  # the calibrator picks its subset (export.quantize)
         on_step=on_step,
-        explain=result.runs["pretrained"].ood if explain else None,
+        explain=arm.ood if explain else None,
+        val_features=features["other"][: len(result.val.labels)] if composable else None,
+        defer_variants=defer_variants,
     )
+
+
+def add_run_variants(result: CompareResult, out_dir: str | os.PathLike,
+                     on_step: Callable[[float, str], None] | None = None) -> dict:
+    """Build the variants a run written with ``write_run(defer_variants=True)`` left pending, beside its model in
+    ``out_dir`` (each file written atomically), and rewrite its ``report.json`` with them; returns the updated export
+    section (also set on ``result.report``). A run with nothing pending is returned as it is."""
+    from export.runs import add_variants
+
+    out = Path(out_dir)
+    report = json.loads((out / REPORT).read_text(encoding="utf-8"))
+    section = report.get("export")
+    if not section or "variants_pending" not in section:
+        return section or {}
+    section = add_variants(out, section, result.train.crops, result.val.crops, result.val.labels, on_step=on_step)
+    report["export"] = result.report["export"] = section
+    files = set(report.get("artifacts", {}).get("files", []))
+    present = {name for name in run_file_names() if (out / name).is_file()}
+    report.setdefault("artifacts", {})["files"] = sorted((files - run_file_names()) | present)
+    write_json_atomic(out / REPORT, report)
+    return section

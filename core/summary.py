@@ -416,7 +416,9 @@ def _check_rows(exp: dict, clean: Callable[[str], str] = str) -> list[dict[str, 
         details = [f"max |Δ probability| {diff:.1e} (allowed {parity.get('atol', 0):.0e})" if diff is not None else "",
                    f"top-1 agreement {parity['top1_agreement']:.0%}" if "top1_agreement" in parity else "",
                    f"{parity.get('n_images', '?')} images on {parity.get('provider', '?')}"]
-        rows.append({"model": "model.onnx (FP32) vs PyTorch", "check": "parity",
+        composed = parity.get("method") == "composed"  # export.onnx_export.compose_classifier
+        rows.append({"model": "model.onnx (FP32) vs PyTorch" + (" head on the backbone's features" if composed else ""),
+                     "check": "parity",
                      "result": "✅ passed" if parity.get("passed") else "❌ failed",
                      "details": ", ".join(d for d in details if d)})
     for v in exp.get("variants") or []:
@@ -426,6 +428,10 @@ def _check_rows(exp: dict, clean: Callable[[str], str] = str) -> list[dict[str, 
             rows.append({"model": f"{label} variant", "check": "accuracy vs FP32",
                          "result": "✅ accepted" if v.get("accepted") else "❌ rejected",
                          "details": clean(str(v.get("reason", "")))})  # a build error may name a server path
+    for name in exp.get("variants_pending") or []:
+        label = VARIANTS[name].label if name in VARIANTS else str(name)
+        rows.append({"model": f"{label} variant", "check": "accuracy vs FP32", "result": "⏳ being built",
+                     "details": "appears here when it is checked"})
     return rows
 
 
@@ -458,6 +464,10 @@ def export_summary(report: dict, run_dir: Path, *, clean: Callable[[str], str] =
                          "fits no class. The example below uses both.")
     else:
         lines.append("ℹ️ No ONNX model was exported for this run.")
+    pending = [VARIANTS[n].label for n in exp.get("variants_pending") or [] if n in VARIANTS]
+    if pending and downloads["fp32"]:
+        lines.append(f"⏳ The {' and '.join(pending)} copy is being built and checked against it: it appears here in a "
+                     "few seconds.")
     served = exp.get("served")
     if isinstance(served, dict) and served.get("reason") and downloads["fp32"]:
         lines.append(f"⚡ Served here: {md(str(served['reason']))}. The Predict tab uses it; pick another there.")

@@ -18,9 +18,11 @@ from torch import nn
 
 import models
 from core.runtime.contract import (
+    CAM_OUTPUT,
     EXPLAIN_OUTPUTS,
     FEATURES_OUTPUT,
     INPUT_NAME,
+    OOD_OUTPUT,
     OUTPUT_NAMES,
     ModelFormatError,
     model_metadata,
@@ -127,6 +129,87 @@ def export_classifier(classifier: models.Classifier, path: str | os.PathLike[str
                 f"{parity['max_abs_diff_probabilities']:.3g} (allowed {atol:g}), top-1 agreement "
                 f"{parity['top1_agreement']:.3f} on {parity['n_images']} images. The file was not written; "
                 "report this with the backbone name and torch/onnxruntime versions.", parity)
+        read_model_info(tmp)  # the file must load the way Predictor loads it
+        return parity
+
+    parity = atomic_write(path, produce)
+    return {"path": Path(path), "parity": parity, "metadata": meta}
+
+
+def compose_classifier(classifier: models.Classifier, path: str | os.PathLike[str], *, image_size: int,
+                       classes: list[str], features: np.ndarray, images: np.ndarray, metrics: dict | None = None,
+                       atol: float = 1e-4, explain: OodCalibration | None = None) -> dict[str, Any]:
+    """``export_classifier``'s file for a frozen-backbone classifier, composed instead of traced: the cached backbone
+    graph (``cached_backbone_onnx``) with ``classifier``'s head appended (``export.compose``). Same inputs, outputs,
+    metadata and opset; written atomically only once it passed its checks.
+
+    Parity is checked on ``images`` (prepared uint8, at most ``PARITY_MAX_IMAGES`` are used) against the torch head
+    applied to ``features``, the pooled features the training computed for those images with the same backbone graph:
+    the probabilities within ``atol`` and the same top-1 class, and with ``explain``, ``ood_score`` against
+    ``models.explain.ood_scores`` and each class map's spatial mean against its logit less the bias (the identity
+    that makes it the class's activation map). The backbone graph itself was checked against PyTorch when it was
+    cached. Returns ``{"path", "parity", "metadata"}``; ``parity["method"]`` is ``"composed"``.
+    """
+    from export.compose import compose_classifier_proto
+    from models.explain import ood_scores
+
+    if classifier.trainable_blocks != 0:
+        raise ValueError("only a classifier whose backbone is frozen (trained on the cached features) can be composed "
+                         "from the cached backbone graph; export it with export_classifier.")
+    classes = [str(c) for c in classes]
+    if len(classes) != classifier.num_classes:
+        raise ValueError(f"got {len(classes)} class names for a classifier with {classifier.num_classes} outputs; "
+                         "pass the class names in the training order.")
+    n = min(len(images), PARITY_MAX_IMAGES)
+    if n == 0 or len(features) < n:
+        raise ValueError(f"composing needs the validation images and their features (got {len(images)} images and "
+                         f"{len(features)} feature rows).")
+    images = check_batch(images[:n], image_size, what="parity images")
+    linear = classifier.head[-1]
+    weight = linear.weight.detach().cpu().float().numpy()
+    bias = linear.bias.detach().cpu().float().numpy()
+    centroids = explain.centroids.cpu().numpy() if explain is not None else None
+    with torch.inference_mode():  # the reference: the torch head (dropout off) on the training's features
+        feats = torch.as_tensor(np.asarray(features[:n]), dtype=torch.float32)
+        expected = torch.softmax(_cpu_copy(classifier.head)(feats), dim=1).numpy()
+        expected_ood = ood_scores(feats, explain.centroids.cpu().float()).numpy() if explain is not None else None
+    meta = model_metadata(classifier.spec, image_size=image_size, kind="classifier", classes=classes,
+                          training_mode="pretrained", metrics=metrics,
+                          ood_threshold=explain.threshold if explain is not None else None,
+                          ood_quantile=explain.quantile if explain is not None else None)
+    backbone = cached_backbone_onnx(classifier.spec.name, image_size)
+
+    def produce(tmp: Path) -> dict[str, Any]:
+        proto = compose_classifier_proto(backbone, weight, bias, centroids=centroids)
+        _save_and_check(proto, meta, tmp)
+        session = cpu_session(tmp)
+        names = [*OUTPUT_NAMES, *(EXPLAIN_OUTPUTS if explain is not None else ())]
+        got = {name: [] for name in names}
+        for i in range(0, n, 32):
+            for name, out in zip(names, session.run(names, {INPUT_NAME: np.ascontiguousarray(images[i:i + 32])})):
+                got[name].append(out)
+        got = {name: np.concatenate(parts) for name, parts in got.items()}
+        parity = compare_outputs(expected, got[OUTPUT_NAMES[1]], atol=atol, provider=session.get_providers()[0])
+        parity["method"] = "composed"
+        parity["reference"] = "the torch head on the features the training computed with the cached backbone graph"
+        if not parity["passed"]:
+            raise ParityError(
+                f"the composed graph disagrees with the torch head on the cached features: max |probability "
+                f"difference| {parity['max_abs_diff_probabilities']:.3g} (allowed {atol:g}), top-1 agreement "
+                f"{parity['top1_agreement']:.3f} on {n} images. The file was not written.", parity)
+        if explain is not None:
+            cam_means = got[CAM_OUTPUT].mean(axis=(2, 3)) + bias
+            scale = max(1.0, float(np.abs(got[OUTPUT_NAMES[0]]).max()))
+            cam_diff = float(np.max(np.abs(cam_means - got[OUTPUT_NAMES[0]])))
+            ood_diff = float(np.max(np.abs(got[OOD_OUTPUT] - expected_ood)))
+            parity["explain"] = {"max_abs_diff_cam_mean_logit": cam_diff, "max_abs_logit": scale,
+                                 "max_abs_diff_ood_score": ood_diff, "n_images": n,
+                                 "passed": cam_diff <= atol * scale and ood_diff <= atol * 10}
+            if not parity["explain"]["passed"]:
+                raise ParityError(
+                    f"the composed class activation maps or out-of-distribution scores are off: max |map mean - "
+                    f"logit| {cam_diff:.3g} (logits up to {scale:.3g}), max |score difference| {ood_diff:.3g} on {n} "
+                    "images. The file was not written.", parity)
         read_model_info(tmp)  # the file must load the way Predictor loads it
         return parity
 

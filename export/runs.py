@@ -20,9 +20,9 @@ from core.runtime.contract import EXPLAIN_OUTPUTS, FORMAT, OUTPUT_NAMES
 from core.runtime.errors import UserError
 from core.runtime.images import ImageDecodeError, open_rgb, to_array
 from export import triton
-from export.onnx_export import DEFAULT_OPSET, TRAINING_MODES, export_classifier
+from export.onnx_export import DEFAULT_OPSET, TRAINING_MODES, compose_classifier, export_classifier
 from export.quantize import calibration_indices
-from export.variants import build_variants
+from export.variants import build_variants, default_variants
 from models.explain import OodCalibration
 
 log = logging.getLogger(__name__)
@@ -52,37 +52,37 @@ def export_run(run_dir: str | os.PathLike[str], classifier: models.Classifier, *
                val_labels: np.ndarray | list[int] | None, calib_images_uint8: np.ndarray | None,
                tolerance: float = 0.01, variants: tuple[str, ...] | None = None,
                on_step: Callable[[float, str], None] | None = None,
-               explain: OodCalibration | None = None) -> dict[str, Any]:
+               explain: OodCalibration | None = None, val_features: np.ndarray | None = None,
+               defer_variants: bool = False) -> dict[str, Any]:
     """Export one arm of a run to ``run_dir`` (FP32 + accepted variants, and for the pretrained arm, the one to
     deploy, its Triton repository as a zip); return its ``report.json`` section. ``on_step(fraction, words)`` is
     told as each step starts.
 
     Store the result under ``report[report_key(training_mode)]``. Paths in it are relative to ``run_dir``.
     ``explain``: the arm's ``models.explain.calibrate_ood``; the model then also outputs ``cam`` and ``ood_score``.
+    ``val_features``: the pooled features the training computed for ``val_images_uint8`` with the cached backbone
+    graph; given for a frozen backbone, the FP32 model is composed from that graph and the head
+    (``export.onnx_export.compose_classifier``, a fraction of a second) instead of traced again. ``defer_variants``:
+    leave the variants to ``add_variants`` (the section says ``variants_pending``), so the verified FP32 model can be
+    offered first.
     """
     if classifier.spec.name != backbone:
         raise ValueError(f"backbone {backbone!r} does not match the classifier's backbone {classifier.spec.name!r}.")
     run_dir = Path(run_dir)
     path = run_dir / model_filename(training_mode)
     step = on_step or (lambda fraction, words: None)
-    step(0.0, "export: tracing the network to ONNX and checking it against PyTorch")
-    result = export_classifier(classifier, path, image_size=image_size, classes=classes,
-                               training_mode=training_mode, metrics=metrics, parity_images=val_images_uint8,
-                               explain=explain)
-    if val_images_uint8 is None:
-        val_images_uint8, val_labels = np.zeros((0, image_size, image_size, 3), np.uint8), []
-    step(0.6, "export: building the smaller/faster variants and checking their accuracy")
-    built = build_variants(path, calib_images_uint8, val_images_uint8, val_labels if val_labels is not None else [],
-                           tolerance=tolerance, variants=variants)
-    for record in built:
-        if record["path"]:
-            record["path"] = os.path.relpath(record["path"], run_dir)
-    served = None
-    if training_mode == "pretrained":
-        step(0.85, "export: timing the accepted variants on this machine")
-        served = serve_choice(path, run_dir)
-        step(0.9, "export: packing the Triton model repository")
-    return {
+    composable = (training_mode == "pretrained" and val_features is not None and val_images_uint8 is not None
+                  and len(val_images_uint8) > 0 and classifier.trainable_blocks == 0)
+    if composable:
+        step(0.0, "export: adding the trained head to the cached backbone graph and checking it")
+        result = compose_classifier(classifier, path, image_size=image_size, classes=classes, metrics=metrics,
+                                    features=val_features, images=val_images_uint8, explain=explain)
+    else:
+        step(0.0, "export: tracing the network to ONNX and checking it against PyTorch")
+        result = export_classifier(classifier, path, image_size=image_size, classes=classes,
+                                   training_mode=training_mode, metrics=metrics, parity_images=val_images_uint8,
+                                   explain=explain)
+    section = {
         "training_mode": training_mode,
         "model": path.name,
         "format": FORMAT,
@@ -94,10 +94,46 @@ def export_run(run_dir: str | os.PathLike[str], classifier: models.Classifier, *
         "outputs": [*OUTPUT_NAMES, *(EXPLAIN_OUTPUTS if explain is not None else ())],
         **({"ood": explain.summary()} if explain is not None else {}),
         "tolerance": tolerance,
-        "variants": built,
-        **({"served": served} if served is not None else {}),
-        **({"triton": write_triton(path, run_dir)} if training_mode == "pretrained" else {}),
+        "variants": [],
     }
+    if training_mode == "pretrained":
+        step(0.5, "export: packing the Triton model repository")
+        section["triton"] = write_triton(path, run_dir)
+    if defer_variants:
+        section["variants_pending"] = list(default_variants() if variants is None else variants)
+        return section
+    return add_variants(run_dir, section, calib_images_uint8, val_images_uint8, val_labels, variants=variants,
+                        on_step=lambda fraction, words: step(0.6 + 0.4 * fraction, words))
+
+
+def add_variants(run_dir: str | os.PathLike[str], section: dict[str, Any], calib_images_uint8: np.ndarray | None,
+                 val_images_uint8: np.ndarray | None, val_labels: np.ndarray | list[int] | None, *,
+                 variants: tuple[str, ...] | None = None,
+                 on_step: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+    """Build the variants of the model ``section`` (``export_run``'s) describes beside it, keep those within its
+    tolerance, and for the pretrained arm time which one this machine serves; returns the section with
+    ``variants`` (and ``served``) filled in. ``variants``: which (default: the section's ``variants_pending``, else
+    ``export.variants.default_variants``)."""
+    run_dir = Path(run_dir)
+    step = on_step or (lambda fraction, words: None)
+    path = run_dir / section["model"]
+    pending = section.get("variants_pending")
+    names = variants if variants is not None else tuple(pending) if pending is not None else None
+    if val_images_uint8 is None:
+        image_size = int(section["image_size"])
+        val_images_uint8, val_labels = np.zeros((0, image_size, image_size, 3), np.uint8), []
+    step(0.0, "export: building the smaller/faster variants and checking their accuracy")
+    built = build_variants(path, calib_images_uint8, val_images_uint8, val_labels if val_labels is not None else [],
+                           tolerance=section["tolerance"], variants=names)
+    for record in built:
+        if record["path"]:
+            record["path"] = os.path.relpath(record["path"], run_dir)
+    section = {key: value for key, value in section.items() if key != "variants_pending"}
+    section["variants"] = built
+    if section["training_mode"] == "pretrained":
+        step(0.75, "export: timing the accepted variants on this machine")
+        section["served"] = serve_choice(path, run_dir)
+    return section
 
 
 def serve_choice(model_path: Path, run_dir: Path) -> dict[str, Any]:
