@@ -100,13 +100,15 @@ def compose_classifier_proto(backbone_path: str | os.PathLike[str], weight: np.n
             # cam = W . A: a 1x1 convolution of the last feature map with the head's weights, no bias
             helper.make_node("Conv", [feature_map, const("head.cam_weight", weight[:, :, None, None])], [CAM_OUTPUT],
                              name="head.cam"),
-            # ood = 1 - max_c cos(features, centroid_c); unit(x) = x * 1 / sqrt(max(sum x^2, eps))
+            # ood = 1 - max_c cos(features, centroid_c); unit(x) = x * 1 / sqrt(clip(sum x^2, eps)), the operators the
+            # traced export uses (core.runtime.model_check allows only those)
             helper.make_node("Mul", [FEATURES_OUTPUT, FEATURES_OUTPUT], ["head.squares"], name="head.square"),
             helper.make_node("ReduceSum", ["head.squares", axes], ["head.sum_squares"], name="head.sum", keepdims=1),
-            helper.make_node("Max", ["head.sum_squares", const("head.eps", np.array(_EPS))], ["head.clamped"],
+            helper.make_node("Clip", ["head.sum_squares", const("head.eps", np.array(_EPS))], ["head.clamped"],
                              name="head.clamp"),
             helper.make_node("Sqrt", ["head.clamped"], ["head.norm"], name="head.sqrt"),
-            helper.make_node("Div", [FEATURES_OUTPUT, "head.norm"], ["head.unit"], name="head.unit"),
+            helper.make_node("Reciprocal", ["head.norm"], ["head.inverse_norm"], name="head.inverse"),
+            helper.make_node("Mul", [FEATURES_OUTPUT, "head.inverse_norm"], ["head.unit"], name="head.unit"),
             helper.make_node("MatMul", ["head.unit", const("head.centroids_t", centroids.T)], ["head.cosines"],
                              name="head.cosine"),
             helper.make_node("ReduceMax", ["head.cosines", axes], ["head.nearest"], name="head.nearest", keepdims=0),
@@ -116,6 +118,7 @@ def compose_classifier_proto(backbone_path: str | os.PathLike[str], weight: np.n
         outputs += [output(CAM_OUTPUT, k, *_spatial_dims(model, feature_map)), output(OOD_OUTPUT)]
     graph.node.extend(nodes)
     del model.metadata_props[:]  # the backbone's; the caller writes the classifier's
+    graph.value_info.append(graph.output[0])  # 'features' [N, D] stays typed inside (shape inference, FLOP count)
     del graph.output[:]
     graph.output.extend(outputs)
     return model

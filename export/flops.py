@@ -26,10 +26,16 @@ def count_flops(model: onnx.ModelProto | str | os.PathLike[str]) -> int:
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(Path(model)))
     model = onnx.ModelProto.FromString(model.SerializeToString())  # the caller's model stays as it was
-    for value in model.graph.input:  # batch 1: every shape becomes static
-        dims = value.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dims[0].dim_value = 1
+    # batch 1: the inputs' first axis, and every axis named as one of them (typed values inside, outputs)
+    firsts = [v.type.tensor_type.shape.dim[0] for v in model.graph.input if v.type.tensor_type.shape.dim]
+    batch = {d.dim_param for d in firsts if d.dim_param}
+    for dim in firsts:
+        if not dim.HasField("dim_value"):
+            dim.dim_value = 1
+    for value in [*model.graph.value_info, *model.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in batch:
+                dim.dim_value = 1
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {v.name: _dims(v) for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
     shapes.update({i.name: list(i.dims) for i in inferred.graph.initializer})

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from core.config import TrainConfig
 from core.data import load_dataset
-from core.jobs import Cancelled, Epoch, Finished, Progress, TrainingJob, stage_time_left, status_line
+from core.jobs import Cancelled, Epoch, Finished, Progress, TrainingJob, VariantsReady, stage_time_left, status_line
 
 
 def test_time_left_follows_the_pace_and_never_exceeds_the_budget():
@@ -37,16 +39,30 @@ def test_a_stage_bar_follows_the_budget_when_the_budget_will_stop_the_arm_first(
     assert last.stage_done > 0.8  # ...while the 3 s budget, which stops it, is nearly spent
 
 
-def test_the_export_reports_its_steps_in_order(tmp_path, lab_cache):
+def test_the_model_is_offered_verified_before_its_variants_are_built(tmp_path, lab_cache):
     ds = load_dataset("sample:shapes?per_class=8&size=32")
     cfg = TrainConfig(image_size=32, epochs=1, device="cpu", batch_size=16, train_scratch=False, budget_seconds=30)
     job = TrainingJob(ds, cfg, tmp_path / "run", progress_interval=0.0)
-    events = list(job.events())
-    assert isinstance(events[-1], Finished)
+    run = tmp_path / "run"
+    events, at_finish = [], None
+    for event in job.events():
+        events.append(event)
+        if isinstance(event, Finished):  # what a visitor can download when the results show
+            report = json.loads((run / "report.json").read_text())
+            at_finish = (event.variants_pending, report["export"], sorted(p.name for p in run.glob("model*.onnx")))
+    pending, section, files = at_finish
+    assert pending and section["variants_pending"] == ["int8"] and section["variants"] == []
+    assert files == ["model.onnx"] and section["parity"]["passed"]
+    assert section["parity"]["method"] == "composed"  # the frozen backbone's features came from its cached graph
+    ready = events[-1]
+    assert isinstance(ready, VariantsReady) and ready.error is None
+    (int8,) = ready.export["variants"]
+    report = json.loads((run / "report.json").read_text())
+    assert "variants_pending" not in report["export"] and report["export"]["variants"] == [int8]
+    assert (run / "model.int8.onnx").is_file() == int8["accepted"]
+    assert ("model.int8.onnx" in report["artifacts"]["files"]) == int8["accepted"]
     steps = [e.message for e in events if isinstance(e, Progress) and e.stage == "export"]
-    tracing = next(i for i, m in enumerate(steps) if "tracing" in m)
-    variants = next(i for i, m in enumerate(steps) if "variants" in m)
-    assert tracing < variants
+    assert any("adding the trained head" in m for m in steps) and not any("variants" in m for m in steps)
     assert any(e.left is not None for e in events if isinstance(e, Progress) and e.stage == "pretrained")
 
 
@@ -54,8 +70,8 @@ def test_a_resumed_job_continues_the_curve_and_a_cancelled_one_leaves_the_run_as
     ds = load_dataset("sample:shapes?per_class=8&size=32")
     cfg = TrainConfig(image_size=32, epochs=3, device="cpu", batch_size=8, budget_seconds=1e-3,
                       feature_engine="torch")
-    first = list(TrainingJob(ds, cfg, tmp_path / "run", progress_interval=0.0).events())[-1]
-    assert isinstance(first, Finished)
+    initial = list(TrainingJob(ds, cfg, tmp_path / "run", progress_interval=0.0).events())
+    first = next(e for e in initial if isinstance(e, Finished))  # then its variants: the run is complete
     before = first.result.report["runs"]["scratch"]["history"]
 
     events = list(TrainingJob(ds, cfg, tmp_path / "run", progress_interval=0.0, resume=first.result,
