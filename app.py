@@ -46,10 +46,9 @@ from typing import Any
 
 import gradio as gr
 
-import models
-from core import duplicates, plots, sessions, shortcuts, summary, text
-from core.bench_view import COLUMNS as BENCH_COLUMNS
-from core.bench_view import benchmark_md, benchmark_table, throughput_figure
+# The training stack (torch, models, matplotlib, scikit-learn) is imported inside the functions that use it: importing
+# this module loads Gradio and the torch-free layers only, and builds nothing.
+from core import duplicates, sessions, summary, text
 from core.config import TrainConfig
 from core.data import Dataset
 from core.data_view import (
@@ -62,8 +61,6 @@ from core.data_view import (
     thumbnail,
     validation_examples,
 )
-from core.device import describe_device, resolve_device
-from core.features import warm_up_feature_engine
 from core.jobs import (
     Cancelled,
     Epoch,
@@ -81,15 +78,6 @@ from core.predict_view import classify, load_images, model_description
 from core.queue_limits import QueueLimits
 from core.runtime.errors import UserError, os_error_message
 from core.samples import DEFAULT_PRESET, PRESETS
-from core.train_form import (
-    backbone_choices,
-    default_image_size,
-    device_choices,
-    inference_device,
-    make_config,
-    run_estimate,
-)
-from export.runs import model_filename
 from export.variants import VARIANTS, variant_path
 
 log = logging.getLogger("transfer_lab.app")
@@ -231,6 +219,8 @@ DATA_OUTPUTS = ("state", "summary", "counts_plot", "gallery", "skipped", "warnin
 def _loaded(state: dict, label: str, ds: Dataset, sample: str | None = None) -> tuple:
     """The Data tab for a newly loaded dataset; the sample menu is emptied for an upload (the page names one
     dataset), and ``state["sample"]`` remembers which sample is loaded."""
+    from core import plots, shortcuts
+
     state["dataset"], state["source"], state["sample"] = ds, label, sample
     examples, state["examples"] = validation_examples(ds)
     found = state["duplicates"] = duplicates.check_dataset(ds)
@@ -319,6 +309,8 @@ def _out(names: tuple[str, ...], **values) -> tuple:
 
 def unfreeze_range(backbone: str) -> dict:
     """The fine-tune slider's range for ``backbone`` (its number of blocks)."""
+    import models
+
     return gr.update(maximum=models.block_count(backbone), value=0)
 
 
@@ -342,6 +334,8 @@ def train(state: dict | None, backbone: str, epochs: float, budget: float | None
           target: float, device: str, scratch: bool, seed: float | None = 0, unfreeze: float | None = 0,
           repeats: float | None = 1, request: gr.Request = None) -> Iterator[tuple]:
     """Train both arms (``core.jobs``) and stream progress; the last update holds every result. ``TRAIN_OUTPUTS``."""
+    from core.train_form import make_config
+
     state = _state(state, request)
     if state.get("dataset") is None:
         raise _fail("Load a dataset first (Data tab): pick a sample or upload a .zip.", title="No data")
@@ -368,6 +362,8 @@ def train(state: dict | None, backbone: str, epochs: float, budget: float | None
 def more_time(state: dict | None, request: gr.Request = None) -> Iterator[tuple]:
     """Give the scratch arm of this session's run its time budget again: it goes on from where the budget stopped
     it (``core.train.continue_arm``), the curves continue, and the results and files are updated. ``TRAIN_OUTPUTS``."""
+    from core import plots
+
     state = _state(state, request)
     kept = KEPT.get(state["sid"], state.get("run_dir"))
     if kept is None:
@@ -404,6 +400,8 @@ def _stream(state: dict, job: TrainingJob, log_lines: list[str], first: dict) ->
     """Run ``job`` and stream it into ``TRAIN_OUTPUTS``: ``first`` at once, then the status, log and live curves,
     then every result (a kept run, when its scratch arm can go on) with the verified FP32 model, and last the
     smaller variants once they are built and checked (Train stays off until then: they are written into the run)."""
+    from core import plots
+
     cfg = job.cfg
     with SESSIONS.busy(state["sid"]), closing(job.events()) as events:
         yield _out(TRAIN_OUTPUTS, state=state, log="\n".join(log_lines), live_box=gr.update(visible=True),
@@ -470,6 +468,8 @@ def _variants_ready(state: dict, report: dict | None, error: str | None) -> tupl
 def results_views(report: dict, result, run_dir: Path, state: dict) -> dict[str, Any]:
     """Every result component of the Train tab (and the Export/Predict updates) for a finished run; sets
     ``state["last"]`` for the threshold slider."""
+    from core import plots
+
     classes, runs = report["dataset"]["classes"], report["runs"]
     two = len(classes) == 2
     state["last"] = summary.threshold_inputs(report, result)
@@ -495,6 +495,8 @@ def results_views(report: dict, result, run_dir: Path, state: dict) -> dict[str,
 
 def _download_label(variant: str) -> str:
     """The Export tab's button for one variant of the deployable model, e.g. "⬇️ model.int8.onnx (INT8)"."""
+    from export.runs import model_filename
+
     return f"⬇️ {variant_path(model_filename('pretrained'), variant).name} ({VARIANTS[variant].label})"
 
 
@@ -552,6 +554,8 @@ def _model_for(state: dict, model_choice: str | None) -> Path:
 
 
 def _classify(state: dict, model_choice: str | None, path: Path, named: list[tuple[str, Any]]) -> tuple:
+    from core.train_form import inference_device
+
     limit = UPLOAD_TIME_LIMIT_S if model_choice == UPLOADED_MODEL else None  # a stranger's model is stopped
     with _errors_shown_as("Prediction failed", state):
         predictor = PREDICTORS.get(path, inference_device(), time_limit=limit)
@@ -592,6 +596,9 @@ def data_efficiency(state: dict | None, backbone: str, epochs: float, budget: fl
                     request: gr.Request = None) -> Iterator[tuple]:
     """The data-efficiency curve (``core.efficiency``) with the form's settings and a frozen backbone; scratch
     points stop at one time budget in all. Yields a status when it starts, then the curve. ``EFFICIENCY_OUTPUTS``."""
+    from core import plots
+    from core.train_form import make_config
+
     state = _state(state, request)
     if state.get("dataset") is None:
         raise _fail("Load a dataset first (Data tab): pick a sample or upload a .zip.", title="No data")
@@ -617,6 +624,10 @@ def data_efficiency(state: dict | None, backbone: str, epochs: float, budget: fl
 
 def benchmark(state: dict | None, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
     """Torch eager vs onnxruntime FP32 vs INT8 at batch 1 and 16. Outputs: markdown, bar chart, table."""
+    from core import plots
+    from core.bench_view import benchmark_md, benchmark_table, throughput_figure
+    from core.device import describe_device, resolve_device
+
     state = _state(state)
     with _errors_shown_as("Benchmark failed", state):
         path = SESSIONS.model_path(state, "run:fp32")
@@ -660,6 +671,9 @@ def _data_tab() -> dict[str, Any]:
 
 
 def _train_settings(image_size: int) -> dict[str, Any]:
+    import models
+    from core.train_form import backbone_choices, device_choices, run_estimate
+
     cap = LIMITS["max_budget"]
     c: dict[str, Any] = {"active": gr.Markdown(active_dataset(None, None), elem_id="active-dataset")}
     with gr.Row():
@@ -801,6 +815,8 @@ def _export_tab() -> dict[str, Any]:
 
 
 def _bench_tab() -> dict[str, Any]:
+    from core.bench_view import COLUMNS as BENCH_COLUMNS
+
     gr.Markdown("Time the exported model: PyTorch eager vs onnxruntime (FP32, and the smaller variants the export "
                 "kept), at batch size 1 and 16, on this server. It runs in the training queue so timings are not "
                 "disturbed, and takes about half a minute on a 2-core CPU.")
@@ -815,6 +831,8 @@ def build_app(session_root_dir: str | os.PathLike[str] | None = None, *, concurr
               predict_concurrency: int = 8, max_budget: float = MAX_BUDGET_S) -> gr.Blocks:
     """Build the UI (nothing is launched, loaded or downloaded here). ``max_budget``: seconds per arm at most
     (0: no limit, for a private server)."""
+    from core.train_form import default_image_size
+
     if session_root_dir is not None:
         configure(session_root_dir)
     LIMITS["max_budget"] = max_budget
@@ -836,6 +854,8 @@ def build_app(session_root_dir: str | os.PathLike[str] | None = None, *, concurr
 def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurrency: int) -> None:
     """The events. Page loads have their own pool; uploads share a small one; training and the benchmark take turns
     in one queue; predictions run wide. Every queued request counts against its session's ``PENDING_PER_SESSION``."""
+    from core.train_form import run_estimate
+
     state, data_out, train_out = c["state"], [c[n] for n in DATA_OUTPUTS], [c[n] for n in TRAIN_OUTPUTS]
 
     def data(n_inputs: int, what: str = "upload") -> dict:
@@ -944,6 +964,11 @@ def servable_root(root: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import models
+    from core.device import resolve_device
+    from core.features import warm_up_feature_engine
+    from core.train_form import default_image_size
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mb = 1024**2
