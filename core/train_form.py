@@ -63,4 +63,4 @@ def run_estimate(budget: float | None, scratch: bool, max_budget: float | None =
     total = limit * (2 if scratch else 1)
     span = f"{total:g} s" if total < 120 else f"{total / 60:.3g} minutes"
     return (f"⏱️ Each arm stops at its {limit:g} s budget, so training takes at most about {span}; then the model "
-            "is exported and checked (under a minute).")
+            "is exported and checked (seconds for the frozen backbone's model).")
