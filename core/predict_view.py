@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from core.runtime.devices import where_it_runs
 from core.runtime.errors import UserError
 from core.runtime.images import (
     ImageDecodeError,
@@ -96,7 +97,8 @@ def classify(predictor: Predictor, inputs: list[tuple[str, Image.Image]], model_
     ms = (time.perf_counter() - t0) * 1000
     ranked = [_ranked(row, predictor.classes, k) for row in probs]
     label = {r["label"]: r["probability"] for r in ranked[0]}
-    info = (f"Model **{md(model_name)}** · provider **{predictor.provider}** · "
+    info = (f"Model **{md(model_name)}** · ran on **{md(where_it_runs(predictor.provider))}** "
+            f"(onnxruntime's {md(predictor.provider)}) · "
             f"{len(inputs)} image(s) in **{ms:.1f} ms** ({ms / len(inputs):.1f} ms per image, "
             f"preprocessing included)")
     looked = None

@@ -6,7 +6,8 @@ each in a fresh child process with its own empty cache (a first run: every image
 - the pretrained arm: ``python -m core train --mode pretrained --data DIR`` (decode, features, head, export);
 - one epoch of the scratch arm: ``python -m core train --mode scratch --epochs 1`` (for ``--scratch-sizes``).
 
-It prints each child's peak resident memory (``ru_maxrss``) and wall time. ``--repo`` runs another checkout's code
+It prints each child's peak resident memory (``ru_maxrss``) and wall time, and the largest anonymous and
+file-backed parts of it seen (``/proc/self/status``, sampled every 0.1 s). ``--repo`` runs another checkout's code
 on the same images (to compare before and after a change).
 
     python scripts/bench_memory.py --sizes 1000 5000 20000 --scratch-sizes 1000 5000 [--dev-photos] [--repo DIR]
@@ -54,16 +55,31 @@ def make_images(root: Path, n: int) -> Path:
 
 
 CHILD = """
-import atexit, resource, runpy, sys
+import atexit, resource, runpy, sys, threading, time
 peak_file = sys.argv[1]
-atexit.register(lambda: open(peak_file, "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+peaks = {"RssAnon": 0, "RssFile": 0}
+
+def sample():  # the largest anonymous and file-backed resident sizes seen, every 0.1 s
+    while True:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in peaks:
+                    peaks[key] = max(peaks[key], int(line.split()[1]))
+        time.sleep(0.1)
+
+threading.Thread(target=sample, daemon=True).start()
+atexit.register(lambda: open(peak_file, "w").write(" ".join(str(v) for v in (
+    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, peaks["RssAnon"], peaks["RssFile"]))))
 sys.argv = ["core", *sys.argv[2:]]
 runpy.run_module("core", run_name="__main__")
 """
 
 
-def measure(repo: Path, args: list[str]) -> tuple[float, float]:
-    """(peak RSS in GB, wall seconds) of ``python -m core ARGS`` run in ``repo``, with a fresh cache."""
+def measure(repo: Path, args: list[str]) -> tuple[float, float, float, float]:
+    """(peak RSS in GB, wall seconds, peak anonymous and peak file-backed resident GB) of ``python -m core ARGS`` run
+    in ``repo``, with a fresh cache. File-backed pages (the memory-mapped crops, the libraries) count in RSS but the
+    kernel drops them under memory pressure; anonymous memory (arrays, tensors) it cannot."""
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
         env = {**os.environ, "TRANSFER_LAB_CACHE": cache}
         peak = Path(out) / "peak"
@@ -73,7 +89,8 @@ def measure(repo: Path, args: list[str]) -> tuple[float, float]:
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"`python -m core {' '.join(args)}` failed:\n{proc.stderr[-2000:]}")
-        return int(peak.read_text()) / 1024**2, seconds  # ru_maxrss is in KB on Linux
+        rss, anon, file = (int(v) / 1024**2 for v in peak.read_text().split())  # all in KB on Linux
+        return rss, seconds, anon, file
 
 
 def main() -> None:
@@ -89,18 +106,20 @@ def main() -> None:
     if args.dev_photos:
         for name in ("cats-vs-dogs", "textures"):
             data = REPO.parent / "shared" / "dev-photos" / name
-            gb, s = measure(args.repo, ["train", "--mode", "pretrained", "--data", str(data)])
+            gb, s, anon, file = measure(args.repo, ["train", "--mode", "pretrained", "--data", str(data)])
             rows.append((f"dev {name}", "pretrained", gb, s))
-            print(f"{rows[-1][0]:>12}  {'pretrained':<10}  peak {gb:5.2f} GB  {s:6.1f} s", flush=True)
+            print(f"{rows[-1][0]:>12}  {'pretrained':<10}  peak {gb:5.2f} GB  {s:6.1f} s  (anonymous {anon:.2f} GB, "
+                  f"file-backed {file:.2f} GB)", flush=True)
     for n in args.sizes:
         data = make_images(args.images, n)
         runs = [("pretrained", ["train", "--mode", "pretrained", "--data", str(data)])]
         if n in args.scratch_sizes:
             runs.append(("scratch x1", ["train", "--mode", "scratch", "--epochs", "1", "--data", str(data)]))
         for arm, command in runs:
-            gb, s = measure(args.repo, command)
+            gb, s, anon, file = measure(args.repo, command)
             rows.append((f"{n} images", arm, gb, s))
-            print(f"{rows[-1][0]:>12}  {arm:<10}  peak {gb:5.2f} GB  {s:6.1f} s", flush=True)
+            print(f"{rows[-1][0]:>12}  {arm:<10}  peak {gb:5.2f} GB  {s:6.1f} s  (anonymous {anon:.2f} GB, "
+                  f"file-backed {file:.2f} GB)", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,3 +12,9 @@ GPU_PROVIDERS = (TENSORRT, CUDA)
 
 # Which model file to serve: "auto" (the fastest accepted variant here, core.runtime.fastest) or one by name.
 VARIANT_CHOICES = ("auto", "fp32", "int8", "fp16")
+
+
+def where_it_runs(provider: str) -> str:
+    """Plain words for an onnxruntime provider: "the CPU", "the GPU (CUDA)", "the GPU (TensorRT)"; an unknown one
+    is named as it is."""
+    return {CPU: "the CPU", CUDA: "the GPU (CUDA)", TENSORRT: "the GPU (TensorRT)"}.get(provider, provider)
