@@ -10,7 +10,6 @@ one batch wide. Torch-free.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import logging
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from core.runtime.files import atomic_write, cache_dir
-from core.runtime.images import center_crop, open_rgb, resize_shorter
+from core.runtime.images import center_crop, open_rgb, release, resize_shorter
 
 log = logging.getLogger(__name__)
 
@@ -119,26 +118,14 @@ def take(crops: np.ndarray, index: np.ndarray) -> np.ndarray:
     index = np.asarray(index)
     digest = hashlib.sha256(index.astype(np.int64).tobytes()).hexdigest()[:16]
     target = Path(crops.filename).with_name(f"{Path(crops.filename).stem}-take-{digest}.npy")
-    return _memmapped(target, (len(index), *crops.shape[1:]), lambda lo, hi: crops[index[lo:hi]])
 
+    def chunk(lo: int, hi: int) -> np.ndarray:
+        rows = index[lo:hi]
+        out = crops[rows]
+        release(crops[rows.min(): rows.max() + 1])  # the source's pages read for it: not kept resident
+        return out
 
-_MADV_DONTNEED = 4
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-try:
-    _madvise = ctypes.CDLL(None, use_errno=True).madvise
-    _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-except (OSError, AttributeError):  # not Linux/glibc: pages are left to the OS
-    _madvise = None
-
-
-def release(array: np.ndarray) -> None:
-    """Hand the pages of a slice of a memory-mapped file back to the OS (they are read again if used again), so
-    going through a large file keeps one slice resident, not the whole file. Nothing for other arrays."""
-    if _madvise is None or not isinstance(array, np.memmap) or array.size == 0:
-        return
-    low, high = np.lib.array_utils.byte_bounds(array)
-    start = low - low % _PAGE  # whole pages only: the ones partly outside the slice are dropped too (read back)
-    _madvise(start, high - start, _MADV_DONTNEED)
+    return _memmapped(target, (len(index), *crops.shape[1:]), chunk)
 
 
 def trim(max_bytes: int = CACHE_MAX_BYTES, keep: Iterable[Path] = ()) -> int:

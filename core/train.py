@@ -762,12 +762,21 @@ def calibrate_unfamiliar(results: dict[str, RunResult], train: PreparedImages, v
             elif isinstance(run.model, models.Classifier):
                 some = np.concatenate([np.flatnonzero(train.labels == c)[:CENTROID_IMAGES] for c in range(num_classes)])
                 fit, labels = pooled_features(run.model, train.crops[some]), train.labels[some]
-                scored = pooled_features(run.model, val.crops)
+                scored = _pooled_in_slices(run.model, val.crops)
             else:  # only a head was kept (build_models=False): nothing to explain
                 continue
             run.ood = calibrate_ood(fit, labels, scored, num_classes)
         summaries[arm] = run.ood.summary()
     return summaries
+
+
+def _pooled_in_slices(model: models.Classifier, crops: np.ndarray, size: int = 512) -> torch.Tensor:
+    """``pooled_features`` of a memory-mapped crop file a slice at a time, each slice's pages handed back after."""
+    parts = []
+    for i in range(0, len(crops), size):
+        parts.append(pooled_features(model, crops[i:i + size]))
+        release(crops[i:i + size])
+    return torch.cat(parts) if parts else pooled_features(model, crops)
 
 
 def compare_arms(results: dict[str, RunResult], val: PreparedImages) -> dict:

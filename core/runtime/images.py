@@ -13,6 +13,7 @@ images with transparency).
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import re
@@ -434,3 +435,22 @@ def heatmap_overlay(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.55) 
     colour = _HEAT_STOPS[lower] * (1 - frac) + _HEAT_STOPS[lower + 1] * frac
     blended = image.astype(np.float32) * (1 - alpha) + colour * alpha
     return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+
+
+_MADV_DONTNEED = 4
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+try:
+    _madvise = ctypes.CDLL(None, use_errno=True).madvise
+    _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+except (OSError, AttributeError):  # not Linux/glibc: pages are left to the OS
+    _madvise = None
+
+
+def release(array: np.ndarray) -> None:
+    """Hand the pages of a slice of a memory-mapped file back to the OS (they are read again if used again), so
+    going through a large file keeps one slice resident, not the whole file. Nothing for other arrays."""
+    if _madvise is None or not isinstance(array, np.memmap) or array.size == 0:
+        return
+    low, high = np.lib.array_utils.byte_bounds(array)
+    start = low - low % _PAGE  # whole pages only: the ones partly outside the slice are dropped too (read back)
+    _madvise(start, high - start, _MADV_DONTNEED)
