@@ -130,6 +130,13 @@ SCROLL_TO_RESULTS = """() => {
 }"""
 
 
+# On a phone the status (the only progress display) sits below the whole form: bring it into view when a run starts;
+# where it is already in view (beside the form on a wide screen) nothing moves.
+SCROLL_TO_STATUS = """() => {
+  document.querySelector('#train-status')?.scrollIntoView({behavior: 'smooth', block: 'nearest'});
+}"""
+
+
 # -------- Sessions and errors ----------------------------------------------------------------------------------
 
 def new_session() -> dict[str, Any]:
@@ -808,7 +815,7 @@ def _export_tab() -> dict[str, Any]:
         c["dl_report"] = gr.DownloadButton("⬇️ report.json", visible=False, elem_id="dl-report")
     c["parity"] = gr.Dataframe(headers=["model", "check", "result", "details"], interactive=False,
                                label="Checks: parity with PyTorch and accuracy of the variants",
-                               wrap=True, elem_id="parity")
+                               wrap=True, elem_id="parity", column_widths=["24%", "16%", "16%", "44%"])
     gr.Markdown("### Use the model without PyTorch\nOnly `onnxruntime`, `numpy` and `Pillow` are needed:")
     gr.Code(example_snippet(), language="python", interactive=False, elem_id="snippet")
     return c
@@ -875,6 +882,8 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], concurrency: int, predict_concurre
         train, train_inputs, train_out, api_name="train", concurrency_limit=concurrency, concurrency_id="train",
         show_progress_on=[c["status"]], validator=_session_limit("train", len(train_inputs), "training")).success(
         None, js=SCROLL_TO_RESULTS)
+    for button in ("train_btn", "eff_btn", "more_btn"):
+        c[button].click(None, js=SCROLL_TO_STATUS, queue=False)
     c["eff_btn"].click(arm_training, [state], [state, c["status"], c["train_btn"], c["cancel_btn"]], queue=False,
                        api_visibility="private").success(
         data_efficiency, train_inputs, [c[n] for n in EFFICIENCY_OUTPUTS], api_name="efficiency",
