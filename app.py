@@ -130,10 +130,13 @@ SCROLL_TO_RESULTS = """() => {
 }"""
 
 
-# On a phone the status (the only progress display) sits below the whole form: bring it into view when a run starts;
-# where it is already in view (beside the form on a wide screen) nothing moves.
+# On a phone the status (the only progress display) sits below the whole form: bring it to the top of the screen when
+# a run starts; where it is already in view (beside the form on a wide screen) nothing moves.
 SCROLL_TO_STATUS = """() => {
-  document.querySelector('#train-status')?.scrollIntoView({behavior: 'smooth', block: 'nearest'});
+  const status = document.querySelector('#train-status');
+  const box = status?.getBoundingClientRect();
+  if (box && (box.top < 0 || box.top + 150 > window.innerHeight))  // 150 px: the box once its bar shows
+    status.scrollIntoView({behavior: 'smooth', block: 'start'});
 }"""
 
 
@@ -424,8 +427,8 @@ def _stream(state: dict, job: TrainingJob, log_lines: list[str], first: dict) ->
             elif isinstance(event, Finished):
                 finished = event
                 yield _finished(state, finished, log_lines, cfg)
-            elif isinstance(event, VariantsReady):  # add_run_variants updated the finished run's report
-                yield _variants_ready(state, finished.result.report if event.export else None, event.error)
+            elif isinstance(event, VariantsReady):  # the finished run's report now has its variants (or the error)
+                yield _variants_ready(state, finished.result.report, event.error)
     if isinstance(event, Cancelled):
         state["cancel"] = threading.Event()
         again = "🛑 Training cancelled. Change the settings and train again."
@@ -459,16 +462,14 @@ def _finished(state: dict, finished: Finished, log_lines: list[str], cfg: TrainC
                 more_md=summary.more_time_text(finished.result.report, more_seconds(cfg)) if kept else "")
 
 
-def _variants_ready(state: dict, report: dict | None, error: str | None) -> tuple:
+def _variants_ready(state: dict, report: dict, error: str | None) -> tuple:
     """The Export and Predict tabs once the variants are built (or the reason they were not), and Train back on."""
     run_dir = Path(state["run_dir"])
-    if report is None:
-        return _out(TRAIN_OUTPUTS, status="✅ Done. The smaller copies of the model could not be built: "
-                    f"{summary.md(SESSIONS.clean(error or 'unknown reason', state))}. `model.onnx` is unaffected.",
-                    **_IDLE)
     choices = SESSIONS.model_choices(state)
-    return _out(TRAIN_OUTPUTS, status=f"✅ Done: trained at {report['image_size']} px; the model and its checked "
-                "copies are in the Export tab.", **export_views(report, run_dir, state), **_IDLE,
+    status = (f"✅ Done: trained at {report['image_size']} px; the model and its checked copies are in the Export tab."
+              if error is None else "✅ Done. The smaller copies of the model could not be built (the Export tab says "
+              "why); `model.onnx` is unaffected.")
+    return _out(TRAIN_OUTPUTS, status=status, **export_views(report, run_dir, state), **_IDLE,
                 model_choice=gr.update(choices=choices, value=choices[0][1] if choices else None))
 
 
@@ -815,7 +816,8 @@ def _export_tab() -> dict[str, Any]:
         c["dl_report"] = gr.DownloadButton("⬇️ report.json", visible=False, elem_id="dl-report")
     c["parity"] = gr.Dataframe(headers=["model", "check", "result", "details"], interactive=False,
                                label="Checks: parity with PyTorch and accuracy of the variants",
-                               wrap=True, elem_id="parity", column_widths=["24%", "16%", "16%", "44%"])
+                               wrap=True, elem_id="parity", column_widths=["24%", "18%", "24%", "34%"],
+                               max_height=1000)
     gr.Markdown("### Use the model without PyTorch\nOnly `onnxruntime`, `numpy` and `Pillow` are needed:")
     gr.Code(example_snippet(), language="python", interactive=False, elem_id="snippet")
     return c

@@ -181,7 +181,8 @@ class TrainingJob:
                 result = continue_arm(self.resume, self.more_seconds, callbacks)
                 write_run(result, self.run_dir, export=True, on_step=on_step, keep_export_of=self.resume.report,
                           explain=True)
-            put(("finished", result))
+            pending = "variants_pending" in (result.report.get("export") or {})
+            put(("finished", result, pending))  # said here: building the variants changes the report meanwhile
         except TrainingCancelled:
             if self.resume is None:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -192,12 +193,15 @@ class TrainingJob:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             put(("failed", exc))
             return
-        if "variants_pending" in (result.report.get("export") or {}):
+        if pending:
             try:  # the model is offered already: a variant that cannot be built is reported, never a failed run
                 put(("variants", add_run_variants(result, self.run_dir), None))
             except Exception as exc:  # noqa: BLE001 - shown as words beside the FP32 model
                 log.warning("building the variants failed", exc_info=True)
-                put(("variants", {}, f"{type(exc).__name__}: {exc}"))
+                words = f"{type(exc).__name__}: {exc}"
+                section = {k: v for k, v in result.report["export"].items() if k != "variants_pending"}
+                result.report["export"] = {**section, "variants_error": words}  # what the page shows from now on
+                put(("variants", {}, words))
 
     def history(self) -> dict[str, list[dict]]:
         """Every epoch record so far by arm: the resumed run's, or none."""
@@ -255,9 +259,8 @@ class TrainingJob:
                     last = now
                 elif kind == "finished":
                     pending, current = None, None  # progress from before the results is out of date now
-                    more = "variants_pending" in (item[1].report.get("export") or {})
-                    yield Finished(item[1], self.run_dir, now - start, more)
-                    if not more:
+                    yield Finished(item[1], self.run_dir, now - start, item[2])
+                    if not item[2]:
                         return
                 elif kind == "variants":
                     yield VariantsReady(item[1], item[2])

@@ -471,6 +471,8 @@ def export_summary(report: dict, run_dir: Path, *, clean: Callable[[str], str] =
     if pending and downloads["fp32"]:
         lines.append(f"⏳ The {' and '.join(pending)} copy is being built and checked against it: it appears here in a "
                      "few seconds.")
+    if exp.get("variants_error") and downloads["fp32"]:
+        lines.append(f"⚠️ The smaller copies could not be built: {md(clean(str(exp['variants_error'])))}")
     served = exp.get("served")
     if isinstance(served, dict) and served.get("reason") and downloads["fp32"]:
         lines.append(f"⚡ Served here: {md(str(served['reason']))}. The Predict tab uses it; pick another there.")

@@ -88,3 +88,24 @@ def test_a_resumed_job_continues_the_curve_and_a_cancelled_one_leaves_the_run_as
     job.cancel()
     assert isinstance(list(job.events())[-1], Cancelled)
     assert (tmp_path / "run" / "report.json").read_text() == kept  # nothing lost, nothing half-written
+
+
+def test_variants_that_cannot_be_built_leave_the_offered_model_and_say_why(tmp_path, lab_cache, monkeypatch):
+    import core.report
+    from core import summary
+
+    def full_disk(result, out_dir, on_step=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(core.report, "add_run_variants", full_disk)
+    ds = load_dataset("sample:shapes?per_class=8&size=32")
+    cfg = TrainConfig(image_size=32, epochs=1, device="cpu", batch_size=16, train_scratch=False, budget_seconds=30)
+    events = list(TrainingJob(ds, cfg, tmp_path / "run", progress_interval=0.0).events())
+    finished, ready = events[-2], events[-1]
+    assert isinstance(finished, Finished) and isinstance(ready, VariantsReady)
+    assert ready.error is not None and "No space left" in ready.error
+    section = finished.result.report["export"]
+    assert "variants_pending" not in section and "No space left" in section["variants_error"]
+    shown = summary.export_summary(finished.result.report, tmp_path / "run")
+    assert "could not be built" in shown.markdown and shown.downloads["fp32"] is not None
+    assert "being built" not in shown.markdown and "being built" not in shown.checks.to_string()
