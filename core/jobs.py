@@ -79,9 +79,9 @@ def status_line(event: Progress, width: int = 20) -> str:
     """The status while a job runs, the page's only progress display: the stage in words and, once known, the time
     left in it; below, one bar for this stage with its percentage, and the time since the button was pressed (the
     stage's counts stay in the per-epoch log)."""
-    left = ("" if event.left is None else " · finishing the current batch" if event.left < 1
-            else f" · about {event.left:.0f} s left in this step")
     share = event.overall if event.stage_done is None else event.stage_done
+    left = ("" if event.left is None or share >= 0.995 else " · finishing the current batch" if event.left < 1
+            else f" · about {event.left:.0f} s left in this step")  # a step at 100% waits for the next one: no time
     filled = min(width, max(0, round(share * width)))
     bar = "▰" * filled + "▱" * (width - filled)
     return (f"⏳ **{STAGE_WORDS.get(event.stage, event.stage)}**{left}\n\n"

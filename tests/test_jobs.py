@@ -109,3 +109,10 @@ def test_variants_that_cannot_be_built_leave_the_offered_model_and_say_why(tmp_p
     shown = summary.export_summary(finished.result.report, tmp_path / "run")
     assert "could not be built" in shown.markdown and shown.downloads["fp32"] is not None
     assert "being built" not in shown.markdown and "being built" not in shown.checks.to_string()
+
+
+def test_a_finished_step_promises_no_time_left():
+    done = status_line(Progress(0.6, "features", "pretrained features 400/400 images", 1.0, 59.0, 1.0), width=10)
+    assert "left" not in done and "100% of this step" in done
+    going = status_line(Progress(0.4, "features", "pretrained features 200/400 images", 1.0, 59.0, 0.5), width=10)
+    assert "about 59 s left" in going
