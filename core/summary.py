@@ -81,7 +81,8 @@ def comparison_rows(report: dict) -> list[tuple[str, dict[str, str]]]:
     rows += [(label, {arm: fmt(run, key) for arm, run in runs.items()}) for label, key, fmt in metrics]
     if all("test" in run for run in runs.values()):  # the test split: scored once, at the epoch kept
         rows[2:2] = [("test accuracy", {arm: pct_ci(run["test"], "val_accuracy") for arm, run in runs.items()})]
-    rows.append(("speed-up to target", {arm: speedup_cell(report, arm) for arm in runs}))
+    if len(runs) > 1:  # a speed-up needs both arms
+        rows.append(("speed-up to target", {arm: speedup_cell(report, arm) for arm in runs}))
     rows.append(("epoch kept / epochs run", {arm: epochs_cell(report, r) for arm, r in runs.items()}))
     rows.append(("verdict", {arm: r["verdict"]["label"] for arm, r in runs.items()}))
     return rows + repeat_rows(report)

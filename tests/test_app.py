@@ -709,3 +709,5 @@ def test_speedup_is_explained_in_words_and_in_the_table(t_pre, t_scr, sp, text, 
     assert text in speedup_text(report)
     table = results_table(report).set_index("metric")
     assert table.loc["speed-up to target", ARM_TITLES["pretrained"]] == cell
+    one_arm = {**report, "runs": {"pretrained": report["runs"]["pretrained"]}}
+    assert "speed-up to target" not in list(results_table(one_arm)["metric"])  # nothing to compare with
