@@ -24,7 +24,7 @@ import models
 from models.preprocess import ImagePreprocess
 
 from .config import FEATURE_ENGINES
-from .decoded import release
+from .runtime.images import slices
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,12 @@ def extract_all(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Features for every image, in batches; ``on_batch(done, total)`` after each batch."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
+    out, done = [], 0
+    for batch in slices(images, batch_size):  # a memory-mapped crop file: one batch resident, not the file
         out.append(extractor.extract(batch))
-        release(batch)  # a memory-mapped crop file: keep one batch resident, not the file
+        done += len(batch)
         if on_batch is not None:
-            on_batch(min(start + batch_size, len(images)), len(images))
+            on_batch(done, len(images))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

@@ -43,6 +43,11 @@ def run_file_names() -> frozenset[str]:
                       *(state_dict_file(arm) for arm in ARMS), *models_})
 
 
+def present_run_files(run_dir: Path) -> list[str]:
+    """The project's files in ``run_dir`` now (``run_file_names`` that exist): what ``artifacts.files`` lists."""
+    return sorted(name for name in run_file_names() if (run_dir / name).is_file())
+
+
 def write_run(result: CompareResult, out_dir: str | os.PathLike, *, export: bool = True,
               on_step: Callable[[float, str], None] | None = None, keep_export_of: dict | None = None,
               explain: bool = False, defer_variants: bool = False) -> dict:
@@ -150,8 +155,6 @@ def add_run_variants(result: CompareResult, out_dir: str | os.PathLike,
         return section or {}
     section = add_variants(out, section, result.train.crops, result.val.crops, result.val.labels, on_step=on_step)
     report["export"] = result.report["export"] = section
-    files = set(report.get("artifacts", {}).get("files", []))
-    present = {name for name in run_file_names() if (out / name).is_file()}
-    report.setdefault("artifacts", {})["files"] = sorted((files - run_file_names()) | present)
+    report.setdefault("artifacts", {})["files"] = present_run_files(out)
     write_json_atomic(out / REPORT, report)
     return section

@@ -35,11 +35,12 @@ from models.preprocess import ImagePreprocess
 from . import diagnostics, duplicates, shortcuts, stats
 from .config import TrainConfig
 from .data import Dataset
-from .decoded import DecodedImages, crop_file, decode_once, release, take, trim
+from .decoded import DecodedImages, crop_file, decode_once, take, trim
 from .device import resolve_device
 from .features import extract_all, make_feature_extractor, wait_for_warm_up
 from .metrics import classification_metrics, misclassified, verdict
 from .runtime.devices import GPU_PROVIDERS
+from .runtime.images import slices
 
 ARMS = ("pretrained", "scratch")
 
@@ -426,14 +427,9 @@ class NetworkTrainer:
 
     def predict(self, images: np.ndarray) -> torch.Tensor:
         self.model.eval()
-        step = self.cfg.batch_size * 2
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(images), step):
-                batch = images[i : i + step]
-                out.append(self._forward(torch.from_numpy(batch)).cpu())
-                release(batch)  # a memory-mapped crop file: keep one batch resident
-        return torch.cat(out)
+        with torch.inference_mode():  # a memory-mapped crop file: one batch resident
+            return torch.cat([self._forward(torch.from_numpy(batch)).cpu()
+                              for batch in slices(images, self.cfg.batch_size * 2)])
 
     def _weights(self) -> dict:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
@@ -772,10 +768,7 @@ def calibrate_unfamiliar(results: dict[str, RunResult], train: PreparedImages, v
 
 def _pooled_in_slices(model: models.Classifier, crops: np.ndarray, size: int = 512) -> torch.Tensor:
     """``pooled_features`` of a memory-mapped crop file a slice at a time, each slice's pages handed back after."""
-    parts = []
-    for i in range(0, len(crops), size):
-        parts.append(pooled_features(model, crops[i:i + size]))
-        release(crops[i:i + size])
+    parts = [pooled_features(model, part) for part in slices(crops, size)]
     return torch.cat(parts) if parts else pooled_features(model, crops)
 
 

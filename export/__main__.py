@@ -14,7 +14,7 @@ from export.errors import ExportError
 
 
 def cmd_onnx(args: argparse.Namespace) -> int:
-    from core.report import run_file_names
+    from core.report import present_run_files
     from core.runtime.files import write_json_atomic
     from export.quantize import MAX_CALIBRATION_IMAGES
     from export.runs import export_run, load_run_classifier, load_run_images, report_key
@@ -40,7 +40,7 @@ def cmd_onnx(args: argparse.Namespace) -> int:
     )
     report[report_key(args.arm)] = section
     # report.json lists exactly the run's files in the folder: the new model files in, rejected variants out.
-    report.setdefault("artifacts", {})["files"] = sorted(n for n in run_file_names() if (run_dir / n).is_file())
+    report.setdefault("artifacts", {})["files"] = present_run_files(run_dir)
     write_json_atomic(run_dir / "report.json", report)
     parity = section["parity"]
     print(f"wrote {run_dir / section['model']}: parity max |dp| {parity['max_abs_diff_probabilities']:.2e}, "

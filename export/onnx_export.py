@@ -34,7 +34,15 @@ from core.runtime.images import check_batch
 from core.runtime.predictor import read_model_info
 from export.errors import ExportError, ParityError
 from export.flops import count_flops
-from export.verify import check_explain_parity, check_parity, compare_outputs, cpu_session, run_onnx, torch_outputs
+from export.verify import (
+    check_explain_parity,
+    check_parity,
+    compare_outputs,
+    cpu_session,
+    run_onnx,
+    run_onnx_outputs,
+    torch_outputs,
+)
 from models.explain import ExplainedClassifier, OodCalibration
 from models.preprocess import ImageClassifier, ImagePreprocess
 
@@ -80,6 +88,21 @@ def _cpu_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).to("cpu", torch.float32).eval()
 
 
+def _classifier_metadata(classifier: models.Classifier, image_size: int, classes: list[str], training_mode: str,
+                         metrics: dict | None, explain: OodCalibration | None) -> dict[str, str]:
+    """An exported classifier's metadata (``core.runtime.contract.model_metadata``), once its class names are checked
+    against its outputs."""
+    classes = [str(c) for c in classes]
+    num_classes = classifier.head[-1].out_features
+    if len(classes) != num_classes:
+        raise ValueError(f"got {len(classes)} class names for a classifier with {num_classes} outputs; "
+                         "pass the class names in the training order.")
+    return model_metadata(classifier.spec, image_size=image_size, kind="classifier", classes=classes,
+                          training_mode=training_mode, metrics=metrics,
+                          ood_threshold=explain.threshold if explain is not None else None,
+                          ood_quantile=explain.quantile if explain is not None else None)
+
+
 def export_classifier(classifier: models.Classifier, path: str | os.PathLike[str], *, image_size: int,
                       classes: list[str], training_mode: str, metrics: dict | None = None,
                       opset: int = DEFAULT_OPSET, parity_images: np.ndarray | None = None,
@@ -94,20 +117,12 @@ def export_classifier(classifier: models.Classifier, path: str | os.PathLike[str
     """
     if training_mode not in TRAINING_MODES:
         raise ValueError(f"training_mode must be one of {TRAINING_MODES}, got {training_mode!r}.")
-    classes = [str(c) for c in classes]
-    num_classes = classifier.head[-1].out_features
-    if len(classes) != num_classes:
-        raise ValueError(f"got {len(classes)} class names for a classifier with {num_classes} outputs; "
-                         "pass the class names in the training order.")
+    meta = _classifier_metadata(classifier, image_size, classes, training_mode, metrics, explain)
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16, got {image_size}.")
     reference = _cpu_copy(classifier)
     module = (ImageClassifier(reference) if explain is None else ExplainedClassifier(reference, explain)).eval()
     outputs = [*OUTPUT_NAMES, *(EXPLAIN_OUTPUTS if explain is not None else ())]
-    meta = model_metadata(classifier.spec, image_size=image_size, kind="classifier", classes=classes,
-                          training_mode=training_mode, metrics=metrics,
-                          ood_threshold=explain.threshold if explain is not None else None,
-                          ood_quantile=explain.quantile if explain is not None else None)
     images = _parity_images(image_size, parity_images)
 
     def produce(tmp: Path) -> dict[str, Any]:
@@ -156,10 +171,7 @@ def compose_classifier(classifier: models.Classifier, path: str | os.PathLike[st
     if classifier.trainable_blocks != 0:
         raise ValueError("only a classifier whose backbone is frozen (trained on the cached features) can be composed "
                          "from the cached backbone graph; export it with export_classifier.")
-    classes = [str(c) for c in classes]
-    if len(classes) != classifier.num_classes:
-        raise ValueError(f"got {len(classes)} class names for a classifier with {classifier.num_classes} outputs; "
-                         "pass the class names in the training order.")
+    meta = _classifier_metadata(classifier, image_size, classes, "pretrained", metrics, explain)
     n = min(len(images), PARITY_MAX_IMAGES)
     if n == 0 or len(features) < n:
         raise ValueError(f"composing needs the validation images and their features (got {len(images)} images and "
@@ -173,22 +185,13 @@ def compose_classifier(classifier: models.Classifier, path: str | os.PathLike[st
         feats = torch.as_tensor(np.asarray(features[:n]), dtype=torch.float32)
         expected = torch.softmax(_cpu_copy(classifier.head)(feats), dim=1).numpy()
         expected_ood = ood_scores(feats, explain.centroids.cpu().float()).numpy() if explain is not None else None
-    meta = model_metadata(classifier.spec, image_size=image_size, kind="classifier", classes=classes,
-                          training_mode="pretrained", metrics=metrics,
-                          ood_threshold=explain.threshold if explain is not None else None,
-                          ood_quantile=explain.quantile if explain is not None else None)
     backbone = cached_backbone_onnx(classifier.spec.name, image_size)
 
     def produce(tmp: Path) -> dict[str, Any]:
         proto = compose_classifier_proto(backbone, weight, bias, centroids=centroids)
         _save_and_check(proto, meta, tmp)
         session = cpu_session(tmp)
-        names = [*OUTPUT_NAMES, *(EXPLAIN_OUTPUTS if explain is not None else ())]
-        got = {name: [] for name in names}
-        for i in range(0, n, 32):
-            for name, out in zip(names, session.run(names, {INPUT_NAME: np.ascontiguousarray(images[i:i + 32])})):
-                got[name].append(out)
-        got = {name: np.concatenate(parts) for name, parts in got.items()}
+        got = run_onnx_outputs(session, images, [*OUTPUT_NAMES, *(EXPLAIN_OUTPUTS if explain is not None else ())])
         parity = compare_outputs(expected, got[OUTPUT_NAMES[1]], atol=atol, provider=session.get_providers()[0])
         parity["method"] = "composed"
         parity["reference"] = "the torch head on the features the training computed with the cached backbone graph"

@@ -121,16 +121,12 @@ def evaluate_onnx(path: str | os.PathLike[str], images: np.ndarray, labels: Sequ
 def top1(path: str | os.PathLike[str], images: np.ndarray, *, device: str = "cpu", chunk: int = 256) -> np.ndarray:
     """The class index an exported classifier picks for each prepared uint8 image, ``chunk`` images at a time (a
     memory-mapped set of any size is read a slice at a time, and its pages handed back)."""
-    from core.runtime.images import release
+    from core.runtime.images import slices
     from core.runtime.predictor import Predictor
 
     predictor = Predictor(path, device=device)
-    answers = [np.zeros(0, np.int64)]
-    for i in range(0, len(images), chunk):
-        part = images[i:i + chunk]
-        answers.append(predictor.predict_arrays(part).argmax(1))
-        release(part)
-    return np.concatenate(answers)
+    return np.concatenate([np.zeros(0, np.int64), *(predictor.predict_arrays(part).argmax(1)
+                                                     for part in slices(images, chunk))])
 
 
 def accuracy_check(baseline: np.ndarray, variant: np.ndarray, labels: np.ndarray) -> dict[str, Any]:

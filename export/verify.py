@@ -13,7 +13,7 @@ from torch import nn
 
 from core.runtime.contract import INPUT_NAME
 from core.runtime.devices import CPU
-from core.runtime.images import check_batch
+from core.runtime.images import check_batch, slices
 from models.explain import ExplainedClassifier
 from models.preprocess import ImageClassifier
 
@@ -26,9 +26,17 @@ def cpu_session(path: str | os.PathLike[str], *, providers: Sequence[str] = (CPU
 def run_onnx(session: ort.InferenceSession, images: np.ndarray, *, output: str = "probabilities",
              batch_size: int = 32) -> np.ndarray:
     """Run ``images`` (uint8 NHWC) through ``session`` in batches and return ``output``."""
-    parts = [session.run([output], {INPUT_NAME: np.ascontiguousarray(images[i:i + batch_size])})[0]
-             for i in range(0, len(images), batch_size)]
-    return np.concatenate(parts)
+    return run_onnx_outputs(session, images, [output], batch_size=batch_size)[output]
+
+
+def run_onnx_outputs(session: ort.InferenceSession, images: np.ndarray, outputs: Sequence[str], *,
+                     batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Run ``images`` (uint8 NHWC) through ``session`` in batches, one run per batch for all ``outputs``."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+    for batch in slices(images, batch_size):
+        for name, out in zip(outputs, session.run(list(outputs), {INPUT_NAME: np.ascontiguousarray(batch)})):
+            parts[name].append(out)
+    return {name: np.concatenate(got) for name, got in parts.items()}
 
 
 def torch_reference(module: nn.Module) -> nn.Module:

@@ -446,6 +446,15 @@ except (OSError, AttributeError):  # not Linux/glibc: pages are left to the OS
     _madvise = None
 
 
+def slices(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """``images`` ``size`` rows at a time; each slice's pages are handed back (``release``) once the caller asks for
+    the next, so going through a memory-mapped file of any size keeps one slice resident."""
+    for start in range(0, len(images), size):
+        part = images[start:start + size]
+        yield part
+        release(part)
+
+
 def release(array: np.ndarray) -> None:
     """Hand the pages of a slice of a memory-mapped file back to the OS (they are read again if used again), so
     going through a large file keeps one slice resident, not the whole file. Nothing for other arrays."""
